@@ -1,0 +1,3 @@
+"""The ``fedtrain`` command line (typer); one module per command."""
+
+__all__: list[str] = []

@@ -1,0 +1,34 @@
+"""The ``fedtrain`` command. Importing this module must not import torch or flwr."""
+
+from __future__ import annotations
+
+import sys
+
+import typer
+
+from fedtrain.cli import simulate as simulate_cmd
+
+__all__ = ["app", "main"]
+
+app = typer.Typer(
+    name="fedtrain",
+    help="Federated, low-bandwidth LLM training across silos (DiLoCo on Flower).",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+app.command("simulate")(simulate_cmd.simulate)
+
+
+@app.callback()
+def _root() -> None:
+    """Federated, low-bandwidth LLM training across silos."""
+
+
+def main() -> None:
+    """Console entry point."""
+    app(prog_name="fedtrain")
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

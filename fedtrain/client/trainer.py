@@ -1,0 +1,167 @@
+"""The silo trainer: a long-lived, step-driven owner of model, inner optimizer and data stream.
+
+It is driven from outside, a few steps at a time, so one interface serves every outer algorithm:
+- DiLoCo: ``train(H)``, then ``pseudo_gradient()``, then ``apply_global_update(delta)``;
+- Streaming DiLoCo: ``pseudo_gradient(names)`` for one fragment, keep calling ``train``, and
+  ``apply_global_update(delta, names, alpha)`` τ steps later (the anchor θ̃ is per parameter);
+- FedCompass: a different ``steps`` per silo per round;
+- gradient coding: ``fresh_copy()`` trains a shard from the global start with a fresh optimizer;
+- zeroth-order: ``loss_on(batch)`` is a forward-only evaluation at the current weights;
+- the DDP baseline: ``gradient()`` computes one step's gradient without updating.
+Inner optimizer state and the step counter persist across rounds, as in DiLoCo.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+
+import torch
+
+from fedtrain.client.optim import lr_at, make_adamw
+from fedtrain.config import TrainSection
+from fedtrain.data.stream import TokenStream
+from fedtrain.models.llama import Llama
+
+__all__ = ["SiloTrainer", "StepStats"]
+
+
+@dataclass(slots=True)
+class StepStats:
+    steps: int
+    """Inner steps taken in this call."""
+    tokens: int
+    """Training tokens processed in this call."""
+    mean_loss: float
+    """Mean training loss over those steps."""
+
+
+class SiloTrainer:
+    """Local training on one silo (Douillard et al. 2023's inner loop)."""
+
+    def __init__(
+        self,
+        name: str,
+        model: Llama,
+        stream: TokenStream,
+        cfg: TrainSection,
+        total_steps: int,
+    ) -> None:
+        self.name = name
+        self.model = model
+        self.stream = stream
+        self.cfg = cfg
+        self.total_steps = total_steps
+        self.params = dict(model.named_parameters())
+        self.anchor = {n: p.detach().clone() for n, p in self.params.items()}
+        self.optimizer = make_adamw(list(self.params.items()), cfg)
+        self.step = 0
+
+    # ----------------------------------------------------------------- training
+    def _autocast(self) -> contextlib.AbstractContextManager[object]:
+        if self.cfg.bf16:
+            return torch.autocast("cpu", dtype=torch.bfloat16)
+        return contextlib.nullcontext()
+
+    def _forward_backward(self) -> float:
+        total = 0.0
+        for micro in range(self.cfg.grad_accum):
+            x, y = self.stream.batch(self.step, micro, self.cfg.batch_size, self.cfg.seq_len)
+            with self._autocast():
+                loss = self.model.loss(x, y)
+            (loss / self.cfg.grad_accum).backward()
+            total += float(loss.detach())
+        return total / self.cfg.grad_accum
+
+    def train(self, steps: int, on_step: Callable[[int], None] | None = None) -> StepStats:
+        """Run ``steps`` inner AdamW steps on this silo's data."""
+        self.model.train()
+        losses = []
+        for _ in range(steps):
+            lr = lr_at(self.step, self.cfg, self.total_steps)
+            for group in self.optimizer.param_groups:
+                group["lr"] = lr
+            self.optimizer.zero_grad(set_to_none=True)
+            losses.append(self._forward_backward())
+            if self.cfg.grad_clip > 0:
+                torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.grad_clip)
+            self.optimizer.step()
+            self.step += 1
+            if on_step is not None:
+                on_step(1)
+        mean = sum(losses) / len(losses) if losses else float("nan")
+        return StepStats(steps=steps, tokens=steps * self.cfg.tokens_per_step, mean_loss=mean)
+
+    def gradient(self) -> tuple[dict[str, torch.Tensor], StepStats]:
+        """Gradient of one step's batch at the current weights, without updating them."""
+        self.model.train()
+        self.model.zero_grad(set_to_none=True)
+        loss = self._forward_backward()
+        grads = {n: p.grad.detach().clone() if p.grad is not None else torch.zeros_like(p)
+                 for n, p in self.params.items()}
+        self.model.zero_grad(set_to_none=True)
+        self.step += 1
+        return grads, StepStats(steps=1, tokens=self.cfg.tokens_per_step, mean_loss=loss)
+
+    @torch.no_grad()
+    def loss_on(self, windows: torch.Tensor, batch_size: int | None = None) -> float:
+        """Mean next-token loss on ``windows`` (``(N, T+1)`` tokens), forward only."""
+        return evaluate_loss(self.model, windows, batch_size or self.cfg.batch_size,
+                             bf16=self.cfg.bf16)
+
+    # ------------------------------------------------------------ synchronisation
+    def pseudo_gradient(self, names: Iterable[str] | None = None) -> dict[str, torch.Tensor]:
+        """Δ = θ̃ − θ_local (last global value minus local weights) for ``names`` (default all)."""
+        keys = list(names) if names is not None else list(self.params)
+        return {n: self.anchor[n] - self.params[n].detach() for n in keys}
+
+    @torch.no_grad()
+    def apply_global_update(
+        self, delta: dict[str, torch.Tensor], names: Iterable[str] | None = None,
+        alpha: float = 0.0,
+    ) -> None:
+        """θ̃ ← θ̃ + δ̂, then θ_local ← α·θ_local + (1−α)·θ̃ for the updated parameters."""
+        keys = list(names) if names is not None else list(delta)
+        for n in keys:
+            self.anchor[n].add_(delta[n])
+            if alpha == 0.0:
+                self.params[n].copy_(self.anchor[n])
+            elif alpha != 1.0:
+                self.params[n].mul_(alpha).add_(self.anchor[n], alpha=1.0 - alpha)
+
+    @torch.no_grad()
+    def set_global(self, weights: dict[str, torch.Tensor]) -> None:
+        """Load full global weights (join or resync): anchor and local weights both."""
+        missing = set(self.params) - set(weights)
+        if missing:
+            raise KeyError(f"global weights lack parameters: {sorted(missing)[:5]}")
+        for n, p in self.params.items():
+            self.anchor[n].copy_(weights[n])
+            p.copy_(weights[n])
+
+    def fresh_copy(self) -> SiloTrainer:
+        """A trainer at the same global start with a fresh inner optimizer (coded shard work)."""
+        clone = SiloTrainer(self.name, copy.deepcopy(self.model), self.stream, self.cfg,
+                            self.total_steps)
+        clone.set_global(self.anchor)
+        clone.step = self.step
+        return clone
+
+
+@torch.no_grad()
+def evaluate_loss(model: Llama, windows: torch.Tensor, batch_size: int, bf16: bool = False) -> float:
+    """Mean next-token cross-entropy of ``model`` on ``(N, T+1)`` token windows."""
+    was_training = model.training
+    model.eval()
+    total, count = 0.0, 0
+    ctx = torch.autocast("cpu", dtype=torch.bfloat16) if bf16 else contextlib.nullcontext()
+    for i in range(0, windows.shape[0], batch_size):
+        chunk = windows[i : i + batch_size]
+        with ctx:
+            loss = model.loss(chunk[:, :-1], chunk[:, 1:])
+        total += float(loss) * chunk.shape[0]
+        count += chunk.shape[0]
+    model.train(was_training)
+    return total / count

@@ -1,0 +1,465 @@
+"""Typed run configuration: dataclasses, TOML loading, ``--set`` overrides and validation.
+
+Every field has a one-line docstring under it; ``__post_init__`` validates and names the key and
+the allowed values in its message. Errors a user can cause raise :class:`ConfigError`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import sys
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover
+    import tomli as tomllib
+
+__all__ = [
+    "Config",
+    "ConfigError",
+    "DataSection",
+    "ModelSection",
+    "RoundSection",
+    "RunSection",
+    "SiloProfile",
+    "SimulationSection",
+    "StorageSection",
+    "StrategySection",
+    "TrainSection",
+    "TransportSection",
+    "apply_overrides",
+    "config_from_dict",
+    "config_sha256",
+    "config_to_dict",
+    "load_config",
+    "packaged_example",
+]
+
+
+class ConfigError(ValueError):
+    """A config value or key a user wrote is not allowed; the message names it."""
+
+
+def _check(ok: bool, key: str, allowed: str, value: Any) -> None:
+    if not ok:
+        raise ConfigError(f"{key}: {value!r} is not allowed; expected {allowed}")
+
+
+@dataclass(kw_only=True, slots=True)
+class RunSection:
+    name: str = "fedtrain"
+    """Human-readable run name (also part of the run id)."""
+    seed: int = 0
+    """Seed for model init, data sampling and the simulated network."""
+    rounds: int = 0
+    """Maximum number of coordinator commits (rounds); 0 = until ``token_budget`` is spent."""
+    token_budget: int = 0
+    """Stop when this many training tokens (all silos together) are processed; 0 = no budget."""
+    eval_every_tokens: int = 0
+    """Evaluate the global model each time this many tokens pass; 0 = once per DiLoCo round."""
+    eval_batches: int = 16
+    """Number of held-out windows (of ``train.seq_len`` tokens) in each evaluation."""
+
+    def __post_init__(self) -> None:
+        _check(self.rounds >= 0, "run.rounds", "an integer >= 0", self.rounds)
+        _check(self.token_budget >= 0, "run.token_budget", "an integer >= 0", self.token_budget)
+        _check(self.rounds > 0 or self.token_budget > 0, "run.rounds",
+               "> 0 when run.token_budget is 0 (the run needs an end)", self.rounds)
+        _check(self.eval_every_tokens >= 0, "run.eval_every_tokens", "an integer >= 0",
+               self.eval_every_tokens)
+        _check(self.eval_batches >= 1, "run.eval_batches", "an integer >= 1", self.eval_batches)
+
+
+@dataclass(kw_only=True, slots=True)
+class ModelSection:
+    preset: str = "tiny"
+    """Model size preset: tiny (~1M), mini (~5M), small (~10M), 125m, 1b."""
+    tie_embeddings: bool = True
+    """Share the token embedding with the output head."""
+
+    def __post_init__(self) -> None:
+        from fedtrain.models.presets import PRESETS
+
+        _check(self.preset in PRESETS, "model.preset", f"one of {sorted(PRESETS)}", self.preset)
+
+
+@dataclass(kw_only=True, slots=True)
+class DataSection:
+    corpus: str = "kjv"
+    """Shared corpus: 'kjv' (King James Bible, ships with the package) or 'files' (data.files)."""
+    files: list[str] = field(default_factory=list)
+    """Text files or fsspec URLs (txt, or jsonl with a 'text' field) when corpus = 'files'."""
+    silos: int = 4
+    """Number of silos."""
+    split: str = "noniid"
+    """How the corpus is divided among silos: 'iid' (shuffled documents) or 'noniid' (contiguous)."""
+    eval_fraction: float = 0.05
+    """Fraction of documents held out for evaluation (never trained on)."""
+    tokenizer: str = "byte"
+    """'byte' (vocab 256, no training) or 'bpe' (byte-level BPE trained locally on the train split)."""
+    vocab_size: int = 4096
+    """Vocabulary size of the BPE tokenizer."""
+    max_chars: int = 0
+    """Use only the first N characters of the corpus (0 = all); handy for quick tests."""
+    silo_data: dict[str, str] = field(default_factory=dict)
+    """Silo name -> its own text (path, glob or fsspec URL); replaces that silo's corpus shard."""
+
+    def __post_init__(self) -> None:
+        _check(self.corpus in ("kjv", "files"), "data.corpus", "'kjv' or 'files'", self.corpus)
+        _check(self.corpus != "files" or bool(self.files), "data.files",
+               "a non-empty list when data.corpus = 'files'", self.files)
+        _check(1 <= self.silos <= 4096, "data.silos", "an integer in [1, 4096]", self.silos)
+        _check(self.split in ("iid", "noniid"), "data.split", "'iid' or 'noniid'", self.split)
+        _check(0.0 < self.eval_fraction < 0.5, "data.eval_fraction", "a number in (0, 0.5)",
+               self.eval_fraction)
+        _check(self.tokenizer in ("byte", "bpe"), "data.tokenizer", "'byte' or 'bpe'",
+               self.tokenizer)
+        _check(300 <= self.vocab_size <= 65536, "data.vocab_size", "an integer in [300, 65536]",
+               self.vocab_size)
+        _check(self.max_chars >= 0, "data.max_chars", "an integer >= 0", self.max_chars)
+
+
+@dataclass(kw_only=True, slots=True)
+class TrainSection:
+    inner_steps: int = 50
+    """H: inner optimizer steps each silo runs between outer steps."""
+    batch_size: int = 8
+    """Sequences per micro-batch."""
+    seq_len: int = 128
+    """Tokens per sequence."""
+    grad_accum: int = 1
+    """Micro-batches accumulated into one inner step."""
+    lr: float = 1e-3
+    """Peak inner AdamW learning rate."""
+    min_lr_ratio: float = 0.1
+    """Final learning rate of the whole-run cosine schedule, as a fraction of the peak."""
+    warmup_steps: int = 20
+    """Linear warm-up of the inner learning rate, in inner steps."""
+    weight_decay: float = 0.1
+    """AdamW weight decay."""
+    grad_clip: float = 1.0
+    """Clip each inner step's gradient to this global norm (0 = off)."""
+    bf16: bool = False
+    """Run forward/backward under bf16 autocast (master weights stay fp32)."""
+    threads: int = 0
+    """torch intra-op threads for training (0 = all cores)."""
+
+    def __post_init__(self) -> None:
+        _check(self.inner_steps >= 1, "train.inner_steps", "an integer >= 1", self.inner_steps)
+        _check(self.batch_size >= 1, "train.batch_size", "an integer >= 1", self.batch_size)
+        _check(8 <= self.seq_len <= 65536, "train.seq_len", "an integer in [8, 65536]",
+               self.seq_len)
+        _check(self.grad_accum >= 1, "train.grad_accum", "an integer >= 1", self.grad_accum)
+        _check(0.0 < self.lr < 1.0, "train.lr", "a number in (0, 1)", self.lr)
+        _check(0.0 <= self.min_lr_ratio <= 1.0, "train.min_lr_ratio", "a number in [0, 1]",
+               self.min_lr_ratio)
+        _check(self.warmup_steps >= 0, "train.warmup_steps", "an integer >= 0",
+               self.warmup_steps)
+        _check(self.weight_decay >= 0.0, "train.weight_decay", "a number >= 0",
+               self.weight_decay)
+        _check(self.grad_clip >= 0.0, "train.grad_clip", "a number >= 0", self.grad_clip)
+        _check(self.threads >= 0, "train.threads", "an integer >= 0", self.threads)
+
+    @property
+    def tokens_per_step(self) -> int:
+        """Training tokens one silo processes per inner step."""
+        return self.batch_size * self.seq_len * self.grad_accum
+
+
+STRATEGIES = ("diloco", "fedavg", "ddp")
+
+
+@dataclass(kw_only=True, slots=True)
+class StrategySection:
+    name: str = "diloco"
+    """'diloco', 'fedavg' (DiLoCo with outer SGD lr 1.0, no momentum) or 'ddp' (baseline)."""
+    outer_lr: float = 0.7
+    """Outer optimizer learning rate (DiLoCo; ignored by the fedavg preset)."""
+    outer_momentum: float = 0.9
+    """Outer optimizer momentum (DiLoCo; ignored by the fedavg preset)."""
+    nesterov: bool = True
+    """Use Nesterov momentum in the outer step."""
+    weighting: str = "tokens"
+    """Weight of each silo's pseudo-gradient: 'tokens' (tokens processed) or 'equal'."""
+
+    def __post_init__(self) -> None:
+        _check(self.name in STRATEGIES, "strategy.name", f"one of {list(STRATEGIES)}", self.name)
+        _check(0.0 < self.outer_lr <= 10.0, "strategy.outer_lr", "a number in (0, 10]",
+               self.outer_lr)
+        _check(0.0 <= self.outer_momentum < 1.0, "strategy.outer_momentum",
+               "a number in [0, 1)", self.outer_momentum)
+        _check(self.weighting in ("tokens", "equal"), "strategy.weighting",
+               "'tokens' or 'equal'", self.weighting)
+
+
+@dataclass(kw_only=True, slots=True)
+class TransportSection:
+    codec: str = "fp32"
+    """Codec for updates in both directions (see fedtrain.transport.CODECS)."""
+
+    def __post_init__(self) -> None:
+        from fedtrain.transport.codecs import CODECS
+
+        _check(self.codec in CODECS, "transport.codec", f"one of {sorted(CODECS)}", self.codec)
+
+
+@dataclass(kw_only=True, slots=True)
+class StorageSection:
+    url: str = ""
+    """Where checkpoints go: a local directory or file:// URL; empty = the run directory."""
+    checkpoint_every: int = 1
+    """Commit a checkpoint every N rounds (the final round is always checkpointed)."""
+    keep_checkpoints: int = 2
+    """How many round checkpoints to keep (older ones are deleted)."""
+
+    def __post_init__(self) -> None:
+        _check(self.url == "" or self.url.startswith("file://") or "://" not in self.url,
+               "storage.url", "empty, a local directory or a file:// URL", self.url)
+        _check(self.checkpoint_every >= 1, "storage.checkpoint_every", "an integer >= 1",
+               self.checkpoint_every)
+        _check(self.keep_checkpoints >= 1, "storage.keep_checkpoints", "an integer >= 1",
+               self.keep_checkpoints)
+
+
+@dataclass(kw_only=True, slots=True)
+class RoundSection:
+    timeout_s: float = 3600.0
+    """Deadline of a round in seconds (virtual seconds in simulation); later replies are stragglers."""
+    min_silos: int = 1
+    """Quorum: a round commits only with at least this many valid updates."""
+    close_when: str = "all"
+    """'all' (wait for every silo until the deadline) or 'quorum' (close at min_silos replies)."""
+
+    def __post_init__(self) -> None:
+        _check(self.timeout_s > 0, "round.timeout_s", "a number > 0", self.timeout_s)
+        _check(self.min_silos >= 1, "round.min_silos", "an integer >= 1", self.min_silos)
+        _check(self.close_when in ("all", "quorum"), "round.close_when", "'all' or 'quorum'",
+               self.close_when)
+
+
+@dataclass(kw_only=True, slots=True)
+class SiloProfile:
+    name: str = "default"
+    """Profile name (shows in events)."""
+    count: int = 1
+    """How many silos use this profile (profiles are assigned to silos in order)."""
+    step_time_s: float = 0.0
+    """Seconds per inner step on this silo's hardware; 0 = measured on this machine."""
+    slowdown: float = 1.0
+    """Multiplier on the step time (2.0 = half as fast)."""
+    up_mbps: float = 100.0
+    """Uplink bandwidth in Mbit/s."""
+    down_mbps: float = 100.0
+    """Downlink bandwidth in Mbit/s."""
+    latency_ms: float = 20.0
+    """One-way latency added to every transfer, in ms."""
+
+    def __post_init__(self) -> None:
+        key = f"simulation.profiles[{self.name}]"
+        _check(self.count >= 1, f"{key}.count", "an integer >= 1", self.count)
+        _check(self.step_time_s >= 0, f"{key}.step_time_s", "a number >= 0", self.step_time_s)
+        _check(self.slowdown > 0, f"{key}.slowdown", "a number > 0", self.slowdown)
+        _check(self.up_mbps > 0, f"{key}.up_mbps", "a number > 0", self.up_mbps)
+        _check(self.down_mbps > 0, f"{key}.down_mbps", "a number > 0", self.down_mbps)
+        _check(self.latency_ms >= 0, f"{key}.latency_ms", "a number >= 0", self.latency_ms)
+
+
+@dataclass(kw_only=True, slots=True)
+class SimulationSection:
+    engine: str = "inprocess"
+    """Simulation engine: 'inprocess' (all silos in this process, virtual clock)."""
+    profiles: list[SiloProfile] = field(default_factory=list)
+    """Silo hardware/network profiles; empty = every silo gets the default profile."""
+    step_time_jitter: float = 0.0
+    """Log-normal sigma of a per-round, per-silo random slowdown (0 = none)."""
+
+    def __post_init__(self) -> None:
+        _check(self.engine in ("inprocess",), "simulation.engine", "'inprocess'", self.engine)
+        _check(self.step_time_jitter >= 0, "simulation.step_time_jitter", "a number >= 0",
+               self.step_time_jitter)
+
+
+@dataclass(kw_only=True, slots=True)
+class Config:
+    run: RunSection = field(default_factory=RunSection)
+    """Run identity, length and evaluation cadence."""
+    model: ModelSection = field(default_factory=ModelSection)
+    """Model architecture."""
+    data: DataSection = field(default_factory=DataSection)
+    """Corpus, tokenizer and silo partitioning."""
+    train: TrainSection = field(default_factory=TrainSection)
+    """Silo-local (inner) training."""
+    strategy: StrategySection = field(default_factory=StrategySection)
+    """Outer algorithm."""
+    transport: TransportSection = field(default_factory=TransportSection)
+    """Update encoding on the wire."""
+    storage: StorageSection = field(default_factory=StorageSection)
+    """Where run outputs are stored."""
+    round: RoundSection = field(default_factory=RoundSection)
+    """When a round closes."""
+    simulation: SimulationSection = field(default_factory=SimulationSection)
+    """Simulated silos: engine, hardware and network."""
+
+    def __post_init__(self) -> None:
+        if self.simulation.profiles:
+            total = sum(p.count for p in self.simulation.profiles)
+            _check(total == self.data.silos, "simulation.profiles",
+                   f"counts adding up to data.silos = {self.data.silos}", f"{total} silos")
+        _check(self.round.min_silos <= self.data.silos, "round.min_silos",
+               f"at most data.silos = {self.data.silos}", self.round.min_silos)
+        names = set(self.silo_names())
+        for silo in self.data.silo_data:
+            _check(silo in names, "data.silo_data", f"keys among silo names {sorted(names)}",
+                   silo)
+
+    def silo_names(self) -> list[str]:
+        """Silo names in canonical order (silo0, silo1, ...)."""
+        return [f"silo{i}" for i in range(self.data.silos)]
+
+    def silo_profiles(self) -> list[SiloProfile]:
+        """One profile per silo, in silo order."""
+        if not self.simulation.profiles:
+            return [SiloProfile() for _ in range(self.data.silos)]
+        out: list[SiloProfile] = []
+        for p in self.simulation.profiles:
+            out.extend([p] * p.count)
+        return out
+
+    def round_tokens(self) -> int:
+        """Tokens all silos process in one full DiLoCo round."""
+        return self.data.silos * self.train.inner_steps * self.train.tokens_per_step
+
+    def total_inner_steps(self) -> int:
+        """Inner steps each silo takes over the whole run (length of the LR schedule)."""
+        per_step = self.data.silos * self.train.tokens_per_step
+        by_budget = -(-self.run.token_budget // per_step) if self.run.token_budget else 0
+        if self.strategy.name == "ddp":
+            by_rounds = self.run.rounds
+        else:
+            by_rounds = self.run.rounds * self.train.inner_steps
+        candidates = [s for s in (by_budget, by_rounds) if s > 0]
+        return min(candidates)
+
+
+_SECTIONS = {f.name for f in dataclasses.fields(Config)}
+
+
+def _build(cls: type, data: Any, prefix: str) -> Any:
+    """Construct dataclass ``cls`` from a TOML table, checking keys and value types."""
+    if not isinstance(data, dict):
+        raise ConfigError(f"{prefix or 'config'}: expected a table, got {data!r}")
+    hints = typing.get_type_hints(cls)
+    fields = {f.name for f in dataclasses.fields(cls)}
+    kwargs: dict[str, Any] = {}
+    for key, value in data.items():
+        name = key.replace("-", "_")
+        full = f"{prefix}.{key}" if prefix else key
+        if name not in fields:
+            raise ConfigError(f"unknown key '{full}' (allowed: {', '.join(sorted(fields))})")
+        kwargs[name] = _coerce(hints[name], value, full)
+    return cls(**kwargs)
+
+
+def _coerce(tp: Any, value: Any, key: str) -> Any:
+    origin = typing.get_origin(tp)
+    if dataclasses.is_dataclass(tp):
+        return _build(tp, value, key)
+    if origin is list:
+        (item,) = typing.get_args(tp)
+        if not isinstance(value, list):
+            raise ConfigError(f"{key}: expected a list, got {value!r}")
+        return [_coerce(item, v, f"{key}[{i}]") for i, v in enumerate(value)]
+    if origin is dict:
+        _, vt = typing.get_args(tp)
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key}: expected a table, got {value!r}")
+        return {str(k): _coerce(vt, v, f"{key}.{k}") for k, v in value.items()}
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{key}: expected true or false, got {value!r}")
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{key}: expected an integer, got {value!r}")
+        return value
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{key}: expected a number, got {value!r}")
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{key}: expected a string, got {value!r}")
+        return value
+    raise AssertionError(f"unsupported config type {tp!r} for {key}")
+
+
+def config_from_dict(data: dict[str, Any]) -> Config:
+    """Build and validate a :class:`Config` from nested dicts (as parsed from TOML)."""
+    for key in data:
+        if key.replace("-", "_") not in _SECTIONS:
+            raise ConfigError(f"unknown section '{key}' (allowed: {', '.join(sorted(_SECTIONS))})")
+    return _build(Config, data, "")
+
+
+def config_to_dict(cfg: Config) -> dict[str, Any]:
+    """Plain nested dict of ``cfg`` (TOML/JSON serialisable)."""
+    return dataclasses.asdict(cfg)
+
+
+def config_sha256(cfg: Config) -> str:
+    """Stable hash of the resolved config (canonical JSON)."""
+    blob = json.dumps(config_to_dict(cfg), sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(blob.encode()).hexdigest()
+
+
+def _parse_value(text: str) -> Any:
+    """Parse an override value as TOML (numbers, booleans, lists, quoted strings); else a string."""
+    try:
+        return tomllib.loads(f"v = {text}")["v"]
+    except tomllib.TOMLDecodeError:
+        return text
+
+
+def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Apply ``section.key=value`` overrides to a parsed TOML dict (in place, returned)."""
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"--set {item!r}: expected KEY=VALUE, e.g. train.inner_steps=20")
+        key, _, raw = item.partition("=")
+        parts = key.strip().split(".")
+        if len(parts) < 2 or not all(parts):
+            raise ConfigError(f"--set {item!r}: KEY must be section.key, e.g. run.rounds")
+        node = data
+        for p in parts[:-1]:
+            child = node.setdefault(p, {})
+            if not isinstance(child, dict):
+                raise ConfigError(f"--set {item!r}: '{p}' is not a table")
+            node = child
+        node[parts[-1]] = _parse_value(raw.strip())
+    return data
+
+
+def packaged_example(name: str = "quickstart") -> Path:
+    """Path of a config shipped inside the package (``fedtrain/examples/NAME.toml``)."""
+    path = Path(__file__).parent / "examples" / f"{name}.toml"
+    if not path.exists():
+        raise ConfigError(f"no packaged example config named {name!r}")
+    return path
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
+    """Load a TOML run config (default: the packaged quickstart) and apply overrides."""
+    p = Path(path) if path is not None else packaged_example()
+    try:
+        data = tomllib.loads(p.read_text())
+    except FileNotFoundError:
+        raise ConfigError(f"config file not found: {p}") from None
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(f"{p}: invalid TOML: {e}") from None
+    return config_from_dict(apply_overrides(data, overrides or []))

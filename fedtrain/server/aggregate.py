@@ -1,0 +1,40 @@
+"""Streaming weighted mean: a running Σ w·x and Σ w, O(model) memory whatever the silo count."""
+
+from __future__ import annotations
+
+import torch
+
+__all__ = ["StreamingMean"]
+
+
+class StreamingMean:
+    """Accumulates replies as they arrive; never holds more than one sum buffer per tensor."""
+
+    def __init__(self) -> None:
+        self._sum: dict[str, torch.Tensor] = {}
+        self.total_weight = 0.0
+        self.count = 0
+
+    def add(self, tensors: dict[str, torch.Tensor], weight: float) -> None:
+        """Add ``weight * tensors`` (fp32 accumulation)."""
+        if weight < 0:
+            raise ValueError(f"aggregation weight must be >= 0, got {weight}")
+        for n, t in tensors.items():
+            buf = self._sum.get(n)
+            if buf is None:
+                self._sum[n] = t.detach().float() * weight
+            else:
+                buf.add_(t.detach().float(), alpha=weight)
+        self.total_weight += weight
+        self.count += 1
+
+    @property
+    def buffer_bytes(self) -> int:
+        """Bytes held by the accumulator (independent of the number of replies)."""
+        return sum(t.numel() * t.element_size() for t in self._sum.values())
+
+    def mean(self) -> dict[str, torch.Tensor] | None:
+        """Σ w·x / Σ w, or None when nothing with positive weight arrived."""
+        if self.total_weight <= 0:
+            return None
+        return {n: t / self.total_weight for n, t in self._sum.items()}

@@ -1,0 +1,47 @@
+"""What the round loop needs from an engine (in-process simulation, Flower deployment, ...)."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Protocol
+
+from fedtrain.strategies.base import Work
+
+__all__ = ["Engine", "Reply"]
+
+
+@dataclass(slots=True)
+class Reply:
+    silo: str
+    """Silo that sent it."""
+    payload: bytes | None
+    """Encoded reply, or None when the silo failed."""
+    arrival_s: float
+    """Seconds after the round started at which it arrived (engine clock: virtual or real)."""
+    error: str | None = None
+    """Why the silo failed, if it did."""
+
+
+class Engine(Protocol):
+    silos: list[str]
+    """Silo names, canonical order."""
+
+    def join(self, weights_payload: bytes) -> int:
+        """Send full global weights to every silo; return bytes sent in total."""
+        ...
+
+    def run_round(
+        self, round: int, work: dict[str, Work], downlink: bytes | None, deadline_s: float
+    ) -> Iterator[Reply]:
+        """Deliver ``downlink`` (the last outer update) and ``work``; yield replies in arrival
+        order, stopping at ``deadline_s`` (late replies may still be yielded, marked by time)."""
+        ...
+
+    def sim_time_s(self) -> float | None:
+        """Simulated seconds elapsed, or None for a real deployment."""
+        ...
+
+    def close_round(self, duration_s: float) -> None:
+        """The coordinator closed the round after ``duration_s`` (engine clock)."""
+        ...

@@ -1,0 +1,134 @@
+"""``fedtrain simulate``: one run of the coordinator over in-process silos, outputs on disk."""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import platform
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import save_file
+
+import fedtrain
+from fedtrain.config import Config, config_sha256, config_to_dict
+from fedtrain.data.prepare import prepare_data
+from fedtrain.models.llama import build_model, count_parameters
+from fedtrain.models.presets import PRESETS
+from fedtrain.server.coordinator import Coordinator
+from fedtrain.simulation.inprocess import InProcessEngine
+from fedtrain.simulation.progress import RunProgress
+from fedtrain.storage.plots import plot_metrics
+from fedtrain.storage.rundir import RunDir
+from fedtrain.strategies import build_strategy
+
+__all__ = ["RunExists", "expected_rounds", "simulate"]
+
+log = logging.getLogger(__name__)
+
+
+class RunExists(RuntimeError):
+    """The run directory already holds a run; refusing to overwrite it."""
+
+
+def expected_rounds(cfg: Config) -> int:
+    """Rounds the run will take if every round commits."""
+    steps = cfg.total_inner_steps()
+    n = steps if cfg.strategy.name == "ddp" else math.ceil(steps / cfg.train.inner_steps)
+    return min(n, cfg.run.rounds) if cfg.run.rounds else n
+
+
+def _write_config(run: RunDir, cfg: Config) -> None:
+    import tomli_w
+
+    data = config_to_dict(cfg)
+    run.write_text("config.toml", tomli_w.dumps(data))
+
+
+def simulate(cfg: Config, run_dir: Path, *, quiet: bool = False,
+             step_time_s: float | None = None) -> dict[str, Any]:
+    """Run ``cfg`` with the in-process engine; write the run directory; return the summary."""
+    if (run_dir / "metrics.jsonl").exists() or (run_dir / "summary.json").exists():
+        raise RunExists(f"{run_dir} already holds a run; choose another --run-dir")
+    started = time.perf_counter()
+    run = RunDir(run_dir, keep_checkpoints=cfg.storage.keep_checkpoints)
+    if cfg.storage.url:
+        run.checkpoints = Path(cfg.storage.url.removeprefix("file://"))
+        run.checkpoints.mkdir(parents=True, exist_ok=True)
+    sha = config_sha256(cfg)
+    run_id = f"{cfg.run.name}-{sha[:12]}"
+    _write_config(run, cfg)
+    run.event("run_start", run_id=run_id, config_sha256=sha, strategy=cfg.strategy.name)
+
+    threads = cfg.train.threads or os.cpu_count() or 1
+    torch.set_num_threads(threads)
+    data = prepare_data(cfg, run_dir)
+    shape = PRESETS[cfg.model.preset]
+    vocab = data.tokenizer.vocab_size
+
+    def factory() -> Any:
+        return build_model(shape, vocab, cfg.run.seed, tie=cfg.model.tie_embeddings)
+
+    model = factory()
+    n_params = count_parameters(model)
+    strategy = build_strategy(cfg, dict(model.named_parameters()))
+    progress = RunProgress(quiet=quiet, silos=cfg.data.silos, rounds=expected_rounds(cfg))
+    engine = InProcessEngine(cfg, run_id, data.silo_tokens, factory, on_step=progress.step,
+                             step_time_s=step_time_s)
+    coord = Coordinator(cfg=cfg, run_id=run_id, model=model, strategy=strategy, engine=engine,
+                        run_dir=run, eval_batch=data.eval_batch, on_round=progress.round_done,
+                        on_round_start=progress.round_start)
+    progress.header(
+        f"{cfg.run.name}: {cfg.strategy.name}, {cfg.data.silos} silos, {cfg.model.preset} "
+        f"({n_params / 1e6:.2f}M params, vocab {vocab}), {cfg.total_inner_steps()} inner steps "
+        f"per silo -> {run_dir}"
+    )
+    with progress:
+        totals = coord.run()
+
+    tmp = run_dir / ".model.safetensors.tmp"
+    save_file({n: p.detach().contiguous() for n, p in model.named_parameters()}, str(tmp))
+    os.replace(tmp, run_dir / "model.safetensors")
+    plot_metrics(totals.history, run.plots, title=f"{cfg.run.name} ({cfg.strategy.name})")
+    model_bytes = 4 * n_params
+    summary = {
+        "run_id": run_id,
+        "config_sha256": sha,
+        "strategy": cfg.strategy.name,
+        "codec": cfg.transport.codec,
+        "silos": cfg.data.silos,
+        "model_preset": cfg.model.preset,
+        "parameters": n_params,
+        "vocab_size": vocab,
+        "tokenizer_sha256": data.tokenizer_sha256,
+        "rounds": totals.rounds,
+        "rounds_failed": totals.rounds_failed,
+        "inner_steps_per_silo": totals.steps,
+        "tokens": totals.tokens,
+        "initial_eval_loss": totals.initial_eval_loss,
+        "final_eval_loss": totals.final_eval_loss,
+        "unigram_eval_loss": data.unigram_eval_loss,
+        "bytes_up": totals.bytes_up,
+        "bytes_down": totals.bytes_down,
+        "bytes_total": totals.bytes_up + totals.bytes_down,
+        "fp32_model_bytes": model_bytes,
+        "stragglers": totals.stragglers,
+        "rejected": totals.rejected,
+        "max_buffer_bytes": totals.max_buffer_bytes,
+        "sim_time_s": engine.sim_time_s(),
+        "measured_step_time_s": engine.measured_step_time_s,
+        "silo_compute_s": engine.compute_s,
+        "silo_groups": {n: g[:3] + (["..."] if len(g) > 3 else [])
+                        for n, g in zip(cfg.silo_names(), data.silo_groups, strict=True)},
+        "wall_s": round(time.perf_counter() - started, 3),
+        "versions": {"fedtrain": fedtrain.__version__, "torch": torch.__version__,
+                     "python": sys.version.split()[0], "platform": platform.platform()},
+    }
+    run.write_json("summary.json", summary)
+    run.event("run_end", final_eval_loss=totals.final_eval_loss, tokens=totals.tokens)
+    progress.footer(summary)
+    return summary

@@ -1,0 +1,116 @@
+"""The outer-algorithm interface: plan a round's work, weight replies, take the outer step.
+
+Strategies are pure with respect to I/O: they see decoded tensors and metadata and own the global
+parameters and the outer optimizer. The same object runs under every engine.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+__all__ = ["OuterOptimizerStrategy", "Strategy", "Work", "optimizer_from_tensors",
+           "optimizer_to_tensors"]
+
+
+@dataclass(slots=True)
+class Work:
+    """What one silo is asked to do in a round."""
+
+    kind: str
+    """'train' (H inner steps, return the pseudo-gradient) or 'grad' (one step's gradient)."""
+    steps: int
+    """Inner steps to run."""
+    names: list[str] | None = None
+    """Parameters to return (None = all)."""
+    extra: dict[str, Any] = field(default_factory=dict)
+    """Strategy-specific instructions (fragment id, shard set, seeds ...)."""
+
+
+class Strategy(ABC):
+    """Outer algorithm over global parameters ``params`` (owned, updated in place)."""
+
+    name: str
+    reply_kind: str
+
+    def __init__(self, params: dict[str, torch.nn.Parameter]) -> None:
+        self.params = params
+
+    @abstractmethod
+    def plan(self, round: int, silos: list[str], steps: int) -> dict[str, Work]:
+        """Work for each silo this round; ``steps`` is the remaining inner-step allowance."""
+
+    @abstractmethod
+    def weight(self, meta: dict[str, Any]) -> float:
+        """Aggregation weight of a reply from its metadata."""
+
+    @abstractmethod
+    def step(self, mean_update: dict[str, torch.Tensor], round: int) -> None:
+        """Apply the weighted-mean reply to ``params`` (in place)."""
+
+    @abstractmethod
+    def state_tensors(self) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+        """Outer state as tensors + JSON metadata (for checkpoints)."""
+
+    @abstractmethod
+    def load_state_tensors(self, tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> None:
+        """Restore what :meth:`state_tensors` returned."""
+
+
+def optimizer_to_tensors(
+    opt: torch.optim.Optimizer, names: list[str]
+) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """Flatten an optimizer's state to ``{"<param>::<key>": tensor}`` plus JSON metadata."""
+    sd = opt.state_dict()
+    tensors: dict[str, torch.Tensor] = {}
+    scalars: dict[str, Any] = {}
+    for idx, st in sd["state"].items():
+        for key, value in st.items():
+            if isinstance(value, torch.Tensor):
+                tensors[f"{names[idx]}::{key}"] = value.detach().clone().contiguous()
+            else:
+                scalars[f"{names[idx]}::{key}"] = value
+    groups = [{k: v for k, v in g.items() if k != "params"} for g in sd["param_groups"]]
+    return tensors, {"scalars": scalars, "param_groups": groups}
+
+
+def optimizer_from_tensors(
+    opt: torch.optim.Optimizer, names: list[str], tensors: dict[str, torch.Tensor],
+    meta: dict[str, Any],
+) -> None:
+    """Inverse of :func:`optimizer_to_tensors`."""
+    index = {n: i for i, n in enumerate(names)}
+    state: dict[int, dict[str, Any]] = {}
+    for full, value in list(tensors.items()) + list(meta["scalars"].items()):
+        pname, _, key = full.rpartition("::")
+        if pname not in index:
+            raise KeyError(f"optimizer state names unknown parameter {pname!r}")
+        state.setdefault(index[pname], {})[key] = value
+    sd = opt.state_dict()
+    groups = []
+    for g, saved in zip(sd["param_groups"], meta["param_groups"], strict=True):
+        groups.append({**saved, "params": g["params"]})
+    opt.load_state_dict({"state": state, "param_groups": groups})
+
+
+class OuterOptimizerStrategy(Strategy):
+    """A strategy whose outer step is an ordinary ``torch.optim`` step on ``p.grad = update``."""
+
+    optimizer: torch.optim.Optimizer
+
+    def _apply_grads(self, mean_update: dict[str, torch.Tensor], clip: float = 0.0) -> None:
+        for n, p in self.params.items():
+            p.grad = mean_update[n].to(p.dtype).clone()
+        if clip > 0:
+            torch.nn.utils.clip_grad_norm_(list(self.params.values()), clip)
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+
+    def state_tensors(self) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+        return optimizer_to_tensors(self.optimizer, list(self.params))
+
+    def load_state_tensors(self, tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> None:
+        optimizer_from_tensors(self.optimizer, list(self.params), tensors, meta)
