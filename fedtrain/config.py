@@ -69,10 +69,18 @@ class RunSection:
     def __post_init__(self) -> None:
         _check(self.rounds >= 0, "run.rounds", "an integer >= 0", self.rounds)
         _check(self.token_budget >= 0, "run.token_budget", "an integer >= 0", self.token_budget)
-        _check(self.rounds > 0 or self.token_budget > 0, "run.rounds",
-               "> 0 when run.token_budget is 0 (the run needs an end)", self.rounds)
-        _check(self.eval_every_tokens >= 0, "run.eval_every_tokens", "an integer >= 0",
-               self.eval_every_tokens)
+        _check(
+            self.rounds > 0 or self.token_budget > 0,
+            "run.rounds",
+            "> 0 when run.token_budget is 0 (the run needs an end)",
+            self.rounds,
+        )
+        _check(
+            self.eval_every_tokens >= 0,
+            "run.eval_every_tokens",
+            "an integer >= 0",
+            self.eval_every_tokens,
+        )
         _check(self.eval_batches >= 1, "run.eval_batches", "an integer >= 1", self.eval_batches)
 
 
@@ -98,30 +106,43 @@ class DataSection:
     silos: int = 4
     """Number of silos."""
     split: str = "noniid"
-    """How the corpus is divided among silos: 'iid' (shuffled documents) or 'noniid' (contiguous)."""
+    """How documents are divided among silos: 'iid' (shuffled) or 'noniid' (contiguous)."""
     eval_fraction: float = 0.05
     """Fraction of documents held out for evaluation (never trained on)."""
     tokenizer: str = "byte"
-    """'byte' (vocab 256, no training) or 'bpe' (byte-level BPE trained locally on the train split)."""
+    """'byte' (vocab 256) or 'bpe' (byte-level BPE trained locally on the training split)."""
     vocab_size: int = 4096
     """Vocabulary size of the BPE tokenizer."""
     max_chars: int = 0
     """Use only the first N characters of the corpus (0 = all); handy for quick tests."""
     silo_data: dict[str, str] = field(default_factory=dict)
-    """Silo name -> its own text (path, glob or fsspec URL); replaces that silo's corpus shard."""
+    """Silo name -> its own text (path, glob or fsspec URL), replacing its corpus shard."""
 
     def __post_init__(self) -> None:
         _check(self.corpus in ("kjv", "files"), "data.corpus", "'kjv' or 'files'", self.corpus)
-        _check(self.corpus != "files" or bool(self.files), "data.files",
-               "a non-empty list when data.corpus = 'files'", self.files)
+        _check(
+            self.corpus != "files" or bool(self.files),
+            "data.files",
+            "a non-empty list when data.corpus = 'files'",
+            self.files,
+        )
         _check(1 <= self.silos <= 4096, "data.silos", "an integer in [1, 4096]", self.silos)
         _check(self.split in ("iid", "noniid"), "data.split", "'iid' or 'noniid'", self.split)
-        _check(0.0 < self.eval_fraction < 0.5, "data.eval_fraction", "a number in (0, 0.5)",
-               self.eval_fraction)
-        _check(self.tokenizer in ("byte", "bpe"), "data.tokenizer", "'byte' or 'bpe'",
-               self.tokenizer)
-        _check(300 <= self.vocab_size <= 65536, "data.vocab_size", "an integer in [300, 65536]",
-               self.vocab_size)
+        _check(
+            0.0 < self.eval_fraction < 0.5,
+            "data.eval_fraction",
+            "a number in (0, 0.5)",
+            self.eval_fraction,
+        )
+        _check(
+            self.tokenizer in ("byte", "bpe"), "data.tokenizer", "'byte' or 'bpe'", self.tokenizer
+        )
+        _check(
+            300 <= self.vocab_size <= 65536,
+            "data.vocab_size",
+            "an integer in [300, 65536]",
+            self.vocab_size,
+        )
         _check(self.max_chars >= 0, "data.max_chars", "an integer >= 0", self.max_chars)
 
 
@@ -153,16 +174,19 @@ class TrainSection:
     def __post_init__(self) -> None:
         _check(self.inner_steps >= 1, "train.inner_steps", "an integer >= 1", self.inner_steps)
         _check(self.batch_size >= 1, "train.batch_size", "an integer >= 1", self.batch_size)
-        _check(8 <= self.seq_len <= 65536, "train.seq_len", "an integer in [8, 65536]",
-               self.seq_len)
+        _check(
+            8 <= self.seq_len <= 65536, "train.seq_len", "an integer in [8, 65536]", self.seq_len
+        )
         _check(self.grad_accum >= 1, "train.grad_accum", "an integer >= 1", self.grad_accum)
         _check(0.0 < self.lr < 1.0, "train.lr", "a number in (0, 1)", self.lr)
-        _check(0.0 <= self.min_lr_ratio <= 1.0, "train.min_lr_ratio", "a number in [0, 1]",
-               self.min_lr_ratio)
-        _check(self.warmup_steps >= 0, "train.warmup_steps", "an integer >= 0",
-               self.warmup_steps)
-        _check(self.weight_decay >= 0.0, "train.weight_decay", "a number >= 0",
-               self.weight_decay)
+        _check(
+            0.0 <= self.min_lr_ratio <= 1.0,
+            "train.min_lr_ratio",
+            "a number in [0, 1]",
+            self.min_lr_ratio,
+        )
+        _check(self.warmup_steps >= 0, "train.warmup_steps", "an integer >= 0", self.warmup_steps)
+        _check(self.weight_decay >= 0.0, "train.weight_decay", "a number >= 0", self.weight_decay)
         _check(self.grad_clip >= 0.0, "train.grad_clip", "a number >= 0", self.grad_clip)
         _check(self.threads >= 0, "train.threads", "an integer >= 0", self.threads)
 
@@ -190,12 +214,21 @@ class StrategySection:
 
     def __post_init__(self) -> None:
         _check(self.name in STRATEGIES, "strategy.name", f"one of {list(STRATEGIES)}", self.name)
-        _check(0.0 < self.outer_lr <= 10.0, "strategy.outer_lr", "a number in (0, 10]",
-               self.outer_lr)
-        _check(0.0 <= self.outer_momentum < 1.0, "strategy.outer_momentum",
-               "a number in [0, 1)", self.outer_momentum)
-        _check(self.weighting in ("tokens", "equal"), "strategy.weighting",
-               "'tokens' or 'equal'", self.weighting)
+        _check(
+            0.0 < self.outer_lr <= 10.0, "strategy.outer_lr", "a number in (0, 10]", self.outer_lr
+        )
+        _check(
+            0.0 <= self.outer_momentum < 1.0,
+            "strategy.outer_momentum",
+            "a number in [0, 1)",
+            self.outer_momentum,
+        )
+        _check(
+            self.weighting in ("tokens", "equal"),
+            "strategy.weighting",
+            "'tokens' or 'equal'",
+            self.weighting,
+        )
 
 
 @dataclass(kw_only=True, slots=True)
@@ -219,18 +252,30 @@ class StorageSection:
     """How many round checkpoints to keep (older ones are deleted)."""
 
     def __post_init__(self) -> None:
-        _check(self.url == "" or self.url.startswith("file://") or "://" not in self.url,
-               "storage.url", "empty, a local directory or a file:// URL", self.url)
-        _check(self.checkpoint_every >= 1, "storage.checkpoint_every", "an integer >= 1",
-               self.checkpoint_every)
-        _check(self.keep_checkpoints >= 1, "storage.keep_checkpoints", "an integer >= 1",
-               self.keep_checkpoints)
+        _check(
+            self.url == "" or self.url.startswith("file://") or "://" not in self.url,
+            "storage.url",
+            "empty, a local directory or a file:// URL",
+            self.url,
+        )
+        _check(
+            self.checkpoint_every >= 1,
+            "storage.checkpoint_every",
+            "an integer >= 1",
+            self.checkpoint_every,
+        )
+        _check(
+            self.keep_checkpoints >= 1,
+            "storage.keep_checkpoints",
+            "an integer >= 1",
+            self.keep_checkpoints,
+        )
 
 
 @dataclass(kw_only=True, slots=True)
 class RoundSection:
     timeout_s: float = 3600.0
-    """Deadline of a round in seconds (virtual seconds in simulation); later replies are stragglers."""
+    """Round deadline in seconds (virtual in simulation); later replies are stragglers."""
     min_silos: int = 1
     """Quorum: a round commits only with at least this many valid updates."""
     close_when: str = "all"
@@ -239,8 +284,12 @@ class RoundSection:
     def __post_init__(self) -> None:
         _check(self.timeout_s > 0, "round.timeout_s", "a number > 0", self.timeout_s)
         _check(self.min_silos >= 1, "round.min_silos", "an integer >= 1", self.min_silos)
-        _check(self.close_when in ("all", "quorum"), "round.close_when", "'all' or 'quorum'",
-               self.close_when)
+        _check(
+            self.close_when in ("all", "quorum"),
+            "round.close_when",
+            "'all' or 'quorum'",
+            self.close_when,
+        )
 
 
 @dataclass(kw_only=True, slots=True)
@@ -281,8 +330,12 @@ class SimulationSection:
 
     def __post_init__(self) -> None:
         _check(self.engine in ("inprocess",), "simulation.engine", "'inprocess'", self.engine)
-        _check(self.step_time_jitter >= 0, "simulation.step_time_jitter", "a number >= 0",
-               self.step_time_jitter)
+        _check(
+            self.step_time_jitter >= 0,
+            "simulation.step_time_jitter",
+            "a number >= 0",
+            self.step_time_jitter,
+        )
 
 
 @dataclass(kw_only=True, slots=True)
@@ -309,14 +362,21 @@ class Config:
     def __post_init__(self) -> None:
         if self.simulation.profiles:
             total = sum(p.count for p in self.simulation.profiles)
-            _check(total == self.data.silos, "simulation.profiles",
-                   f"counts adding up to data.silos = {self.data.silos}", f"{total} silos")
-        _check(self.round.min_silos <= self.data.silos, "round.min_silos",
-               f"at most data.silos = {self.data.silos}", self.round.min_silos)
+            _check(
+                total == self.data.silos,
+                "simulation.profiles",
+                f"counts adding up to data.silos = {self.data.silos}",
+                f"{total} silos",
+            )
+        _check(
+            self.round.min_silos <= self.data.silos,
+            "round.min_silos",
+            f"at most data.silos = {self.data.silos}",
+            self.round.min_silos,
+        )
         names = set(self.silo_names())
         for silo in self.data.silo_data:
-            _check(silo in names, "data.silo_data", f"keys among silo names {sorted(names)}",
-                   silo)
+            _check(silo in names, "data.silo_data", f"keys among silo names {sorted(names)}", silo)
 
     def silo_names(self) -> list[str]:
         """Silo names in canonical order (silo0, silo1, ...)."""
@@ -368,7 +428,7 @@ def _build(cls: type, data: Any, prefix: str) -> Any:
 
 def _coerce(tp: Any, value: Any, key: str) -> Any:
     origin = typing.get_origin(tp)
-    if dataclasses.is_dataclass(tp):
+    if isinstance(tp, type) and dataclasses.is_dataclass(tp):
         return _build(tp, value, key)
     if origin is list:
         (item,) = typing.get_args(tp)

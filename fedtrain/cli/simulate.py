@@ -16,13 +16,20 @@ __all__ = ["simulate"]
 
 
 def simulate(
-    config: Annotated[Optional[Path], typer.Option(
-        "--config", "-c", help="Run config (TOML). Default: the packaged quickstart.")] = None,
-    run_dir: Annotated[Optional[Path], typer.Option(
-        "--run-dir", help="Where outputs go. Default: runs/<name>-<timestamp>.")] = None,
-    set_: Annotated[Optional[list[str]], typer.Option(
-        "--set", help="Override a config key, e.g. --set train.inner_steps=20 (repeatable).")]
-    = None,
+    config: Annotated[
+        Optional[Path],
+        typer.Option("--config", "-c", help="Run config (TOML). Default: the packaged quickstart."),
+    ] = None,
+    run_dir: Annotated[
+        Optional[Path],
+        typer.Option("--run-dir", help="Where outputs go. Default: runs/<name>-<timestamp>."),
+    ] = None,
+    set_: Annotated[
+        Optional[list[str]],
+        typer.Option(
+            "--set", help="Override a config key, e.g. --set train.inner_steps=20 (repeatable)."
+        ),
+    ] = None,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress output.")] = False,
     json_out: Annotated[bool, typer.Option("--json", help="Print the summary as JSON.")] = False,
 ) -> None:

@@ -25,9 +25,7 @@ def lr_at(step: int, cfg: TrainSection, total_steps: int) -> float:
     return cfg.lr * (floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress)))
 
 
-def make_adamw(
-    named: list[tuple[str, torch.nn.Parameter]], cfg: TrainSection
-) -> torch.optim.AdamW:
+def make_adamw(named: list[tuple[str, torch.nn.Parameter]], cfg: TrainSection) -> torch.optim.AdamW:
     """AdamW with weight decay on matrices only (norm gains and vectors are not decayed)."""
     decay = [p for _, p in named if p.ndim >= 2]
     no_decay = [p for _, p in named if p.ndim < 2]

@@ -99,8 +99,10 @@ class SiloTrainer:
         self.model.train()
         self.model.zero_grad(set_to_none=True)
         loss = self._forward_backward()
-        grads = {n: p.grad.detach().clone() if p.grad is not None else torch.zeros_like(p)
-                 for n, p in self.params.items()}
+        grads = {
+            n: p.grad.detach().clone() if p.grad is not None else torch.zeros_like(p)
+            for n, p in self.params.items()
+        }
         self.model.zero_grad(set_to_none=True)
         self.step += 1
         return grads, StepStats(steps=1, tokens=self.cfg.tokens_per_step, mean_loss=loss)
@@ -108,8 +110,9 @@ class SiloTrainer:
     @torch.no_grad()
     def loss_on(self, windows: torch.Tensor, batch_size: int | None = None) -> float:
         """Mean next-token loss on ``windows`` (``(N, T+1)`` tokens), forward only."""
-        return evaluate_loss(self.model, windows, batch_size or self.cfg.batch_size,
-                             bf16=self.cfg.bf16)
+        return evaluate_loss(
+            self.model, windows, batch_size or self.cfg.batch_size, bf16=self.cfg.bf16
+        )
 
     # ------------------------------------------------------------ synchronisation
     def pseudo_gradient(self, names: Iterable[str] | None = None) -> dict[str, torch.Tensor]:
@@ -119,7 +122,9 @@ class SiloTrainer:
 
     @torch.no_grad()
     def apply_global_update(
-        self, delta: dict[str, torch.Tensor], names: Iterable[str] | None = None,
+        self,
+        delta: dict[str, torch.Tensor],
+        names: Iterable[str] | None = None,
         alpha: float = 0.0,
     ) -> None:
         """θ̃ ← θ̃ + δ̂, then θ_local ← α·θ_local + (1−α)·θ̃ for the updated parameters."""
@@ -143,15 +148,18 @@ class SiloTrainer:
 
     def fresh_copy(self) -> SiloTrainer:
         """A trainer at the same global start with a fresh inner optimizer (coded shard work)."""
-        clone = SiloTrainer(self.name, copy.deepcopy(self.model), self.stream, self.cfg,
-                            self.total_steps)
+        clone = SiloTrainer(
+            self.name, copy.deepcopy(self.model), self.stream, self.cfg, self.total_steps
+        )
         clone.set_global(self.anchor)
         clone.step = self.step
         return clone
 
 
 @torch.no_grad()
-def evaluate_loss(model: Llama, windows: torch.Tensor, batch_size: int, bf16: bool = False) -> float:
+def evaluate_loss(
+    model: Llama, windows: torch.Tensor, batch_size: int, bf16: bool = False
+) -> float:
     """Mean next-token cross-entropy of ``model`` on ``(N, T+1)`` token windows."""
     was_training = model.training
     model.eval()

@@ -48,8 +48,10 @@ def kjv_documents() -> list[Document]:
         for line in f:
             v = json.loads(line)
             chapters.setdefault((v["book"], int(v["chapter"])), []).append(v["text"].strip())
-    return [Document(doc_id=f"{book} {ch}", group=book, text=" ".join(verses) + "\n")
-            for (book, ch), verses in chapters.items()]
+    return [
+        Document(doc_id=f"{book} {ch}", group=book, text=" ".join(verses) + "\n")
+        for (book, ch), verses in chapters.items()
+    ]
 
 
 def read_text_documents(urls: list[str]) -> list[Document]:

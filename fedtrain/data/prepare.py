@@ -72,8 +72,9 @@ def prepare_data(cfg: Config, out_dir: Path) -> PreparedData:
     """Read, partition and tokenise the corpus; save the tokenizer to ``out_dir``."""
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     docs = _corpus(cfg)
-    part = partition_documents(docs, cfg.data.silos, cfg.data.split, cfg.data.eval_fraction,
-                               cfg.run.seed)
+    part = partition_documents(
+        docs, cfg.data.silos, cfg.data.split, cfg.data.eval_fraction, cfg.run.seed
+    )
     names = cfg.silo_names()
     silo_docs = [
         read_text_documents([cfg.data.silo_data[n]]) if n in cfg.data.silo_data else ds
@@ -94,8 +95,10 @@ def prepare_data(cfg: Config, out_dir: Path) -> PreparedData:
     silo_tokens = [tokenize_documents(tok, ds) for ds in silo_docs]
     for name, t in zip(names, silo_tokens, strict=True):
         if t.numel() < cfg.train.seq_len + 2:
-            raise ValueError(f"silo {name} has only {t.numel()} tokens; needs more text than "
-                             f"one sequence of train.seq_len = {cfg.train.seq_len}")
+            raise ValueError(
+                f"silo {name} has only {t.numel()} tokens; needs more text than "
+                f"one sequence of train.seq_len = {cfg.train.seq_len}"
+            )
     eval_tokens = tokenize_documents(tok, part.eval_docs)
     batch = eval_windows(eval_tokens, cfg.run.eval_batches, cfg.train.seq_len)
     unigram = unigram_cross_entropy(torch.cat(silo_tokens), batch[:, 1:], tok.vocab_size)

@@ -121,7 +121,7 @@ class Llama(nn.Module):
         if t > self.shape.max_seq_len:
             raise ValueError(f"sequence of {t} tokens exceeds max_seq_len {self.shape.max_seq_len}")
         x = self.tok_emb(tokens)
-        cos, sin = self.rope_cos[:t], self.rope_sin[:t]
+        cos, sin = self.get_buffer("rope_cos")[:t], self.get_buffer("rope_sin")[:t]
         for layer in self.layers:
             x = layer(x, cos, sin)
         x = self.norm(x)

@@ -81,12 +81,14 @@ class Coordinator:
         self.totals = RunTotals()
 
     def evaluate(self) -> float:
-        return evaluate_loss(self.model, self.eval_batch, self.cfg.train.batch_size,
-                             bf16=self.cfg.train.bf16)
+        return evaluate_loss(
+            self.model, self.eval_batch, self.cfg.train.batch_size, bf16=self.cfg.train.bf16
+        )
 
     def _encode(self, tensors: dict[str, torch.Tensor], kind: str, round: int, codec: str) -> bytes:
-        return encode_payload(tensors, codec=codec, kind=kind, run_id=self.run_id, round=round,
-                              sender="coordinator")
+        return encode_payload(
+            tensors, codec=codec, kind=kind, run_id=self.run_id, round=round, sender="coordinator"
+        )
 
     # --------------------------------------------------------------------- run
     def run(self) -> RunTotals:
@@ -121,10 +123,15 @@ class Coordinator:
             if result["mean"] is None:
                 t.rounds_failed += 1
                 downlink = None
-                self.run_dir.event("round_failed", round=rnd, valid=result["valid"],
-                                   min_silos=cfg.round.min_silos)
-                log.warning("round %d failed: %d valid updates < quorum %d", rnd,
-                            result["valid"], cfg.round.min_silos)
+                self.run_dir.event(
+                    "round_failed", round=rnd, valid=result["valid"], min_silos=cfg.round.min_silos
+                )
+                log.warning(
+                    "round %d failed: %d valid updates < quorum %d",
+                    rnd,
+                    result["valid"],
+                    cfg.round.min_silos,
+                )
                 continue
             downlink = self._outer_step(rnd, result["mean"])
             t.tokens += result["tokens"]
@@ -172,8 +179,13 @@ class Coordinator:
             bytes_up += size
             if reply.arrival_s > timeout:
                 stragglers += 1
-                self.run_dir.event("straggler", round=rnd, silo=reply.silo,
-                                   arrival_s=reply.arrival_s, timeout_s=timeout)
+                self.run_dir.event(
+                    "straggler",
+                    round=rnd,
+                    silo=reply.silo,
+                    arrival_s=reply.arrival_s,
+                    timeout_s=timeout,
+                )
                 continue
             if reply.error is not None or reply.payload is None:
                 rejected += 1
@@ -182,8 +194,14 @@ class Coordinator:
                 continue
             try:
                 payload = decode_payload(reply.payload)
-                validate_update(payload, run_id=self.run_id, round=rnd, silo=reply.silo,
-                                kind=self.strategy.reply_kind, params=self.params)
+                validate_update(
+                    payload,
+                    run_id=self.run_id,
+                    round=rnd,
+                    silo=reply.silo,
+                    kind=self.strategy.reply_kind,
+                    params=self.params,
+                )
             except (PayloadError, UpdateRejected) as e:
                 rejected += 1
                 self.run_dir.event("rejected", round=rnd, silo=reply.silo, reason=str(e))
@@ -197,9 +215,16 @@ class Coordinator:
             loss_sum += float(payload.meta.get("train_loss", math.nan)) * n_tok
             loss_w += n_tok
             last_arrival = max(last_arrival, reply.arrival_s)
-            self.run_dir.event("reply", round=rnd, silo=reply.silo, bytes_up=size,
-                               tokens=n_tok, train_loss=payload.meta.get("train_loss"),
-                               arrival_s=reply.arrival_s, weight=w)
+            self.run_dir.event(
+                "reply",
+                round=rnd,
+                silo=reply.silo,
+                bytes_up=size,
+                tokens=n_tok,
+                train_loss=payload.meta.get("train_loss"),
+                arrival_s=reply.arrival_s,
+                weight=w,
+            )
             if closer.should_close(valid, seen, len(work)):
                 closed = True
                 break
@@ -242,8 +267,13 @@ class Coordinator:
             self.run_dir.save_checkpoint(
                 f"round_{rnd:06d}",
                 {"global": {n: p.detach() for n, p in self.params.items()}, "outer": outer},
-                {"round": rnd, "run_id": self.run_id, "steps": self.totals.steps,
-                 "tokens": self.totals.tokens, "outer": outer_meta},
+                {
+                    "round": rnd,
+                    "run_id": self.run_id,
+                    "steps": self.totals.steps,
+                    "tokens": self.totals.tokens,
+                    "outer": outer_meta,
+                },
             )
         self.run_dir.metric(row)
         self.run_dir.event("commit", round=rnd, tokens=row["tokens"], eval_loss=row["eval_loss"])

@@ -14,10 +14,15 @@ class UpdateRejected(ValueError):
 
 
 def validate_update(
-    payload: Payload, *, run_id: str, round: int, silo: str, kind: str,
+    payload: Payload,
+    *,
+    run_id: str,
+    round: int,
+    silo: str,
+    kind: str,
     params: dict[str, torch.nn.Parameter],
 ) -> None:
-    """Raise :class:`UpdateRejected` unless ``payload`` is this silo's finite update for ``round``."""
+    """Raise :class:`UpdateRejected` unless ``payload`` is this silo's finite ``round`` update."""
     if payload.run_id != run_id:
         raise UpdateRejected(f"payload belongs to run {payload.run_id!r}, not {run_id!r}")
     if payload.round != round:

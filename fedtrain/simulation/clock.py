@@ -37,8 +37,9 @@ class VirtualClock:
 class SiloTiming:
     """Compute and link timing of one simulated silo from its profile."""
 
-    def __init__(self, profile: SiloProfile, step_time_s: float, jitter_sigma: float,
-                 seed: int, silo: str) -> None:
+    def __init__(
+        self, profile: SiloProfile, step_time_s: float, jitter_sigma: float, seed: int, silo: str
+    ) -> None:
         self.profile = profile
         self.step_time_s = step_time_s
         self.jitter_sigma = jitter_sigma

@@ -32,8 +32,11 @@ log = logging.getLogger(__name__)
 def measure_step_time(model: Llama, cfg: Config, steps: int = 3) -> float:
     """Median seconds per inner step of ``model`` on this machine (on a throwaway copy)."""
     scratch = copy.deepcopy(model)
-    stream = TokenStream(torch.randint(0, model.vocab_size, (cfg.train.seq_len * 64,)),
-                         seed=0, stream_id="calibration")
+    stream = TokenStream(
+        torch.randint(0, model.vocab_size, (cfg.train.seq_len * 64,)),
+        seed=0,
+        stream_id="calibration",
+    )
     trainer = SiloTrainer("calibration", scratch, stream, cfg.train, total_steps=steps + 1)
     times = []
     for _ in range(steps + 1):
@@ -63,8 +66,9 @@ class InProcessEngine:
         self.clock = VirtualClock()
         total = cfg.total_inner_steps()
         self.trainers = {
-            name: SiloTrainer(name, model_factory(),
-                              TokenStream(tokens, cfg.run.seed, name), cfg.train, total)
+            name: SiloTrainer(
+                name, model_factory(), TokenStream(tokens, cfg.run.seed, name), cfg.train, total
+            )
             for name, tokens in zip(self.silos, silo_tokens, strict=True)
         }
         profiles = cfg.silo_profiles()
@@ -74,8 +78,13 @@ class InProcessEngine:
             self.measured_step_time_s = measure_step_time(first.model, cfg)
             log.info("measured step time %.4f s", self.measured_step_time_s)
         self.timing = {
-            name: SiloTiming(p, p.step_time_s or float(self.measured_step_time_s or 0.0),
-                             cfg.simulation.step_time_jitter, cfg.run.seed, name)
+            name: SiloTiming(
+                p,
+                p.step_time_s or float(self.measured_step_time_s or 0.0),
+                cfg.simulation.step_time_jitter,
+                cfg.run.seed,
+                name,
+            )
             for name, p in zip(self.silos, profiles, strict=True)
         }
         self.compute_s: dict[str, float] = dict.fromkeys(self.silos, 0.0)
@@ -88,8 +97,9 @@ class InProcessEngine:
         self.clock.advance(max(t.down_time(len(weights_payload)) for t in self.timing.values()))
         return len(weights_payload) * len(self.trainers)
 
-    def _silo_reply(self, name: str, round: int, work: Work,
-                    downlink: bytes | None) -> tuple[bytes, float]:
+    def _silo_reply(
+        self, name: str, round: int, work: Work, downlink: bytes | None
+    ) -> tuple[bytes, float]:
         trainer = self.trainers[name]
         if downlink is not None:
             trainer.apply_global_update(decode_payload(downlink).tensors)
@@ -104,18 +114,30 @@ class InProcessEngine:
             kind = "grad"
         else:
             raise ValueError(f"in-process engine cannot run work of kind {work.kind!r}")
-        meta = {"tokens": stats.tokens, "train_loss": stats.mean_loss, "steps": stats.steps,
-                "silo_step": trainer.step}
-        payload = encode_payload(tensors, codec=self.cfg.transport.codec, kind=kind,
-                                 run_id=self.run_id, round=round, sender=name, meta=meta)
+        meta = {
+            "tokens": stats.tokens,
+            "train_loss": stats.mean_loss,
+            "steps": stats.steps,
+            "silo_step": trainer.step,
+        }
+        payload = encode_payload(
+            tensors,
+            codec=self.cfg.transport.codec,
+            kind=kind,
+            run_id=self.run_id,
+            round=round,
+            sender=name,
+            meta=meta,
+        )
         timing = self.timing[name]
         compute = timing.compute_time(stats.steps, round)
         self.compute_s[name] += compute
         down = timing.down_time(len(downlink)) if downlink is not None else 0.0
         return payload, down + compute + timing.up_time(len(payload))
 
-    def run_round(self, round: int, work: dict[str, Work], downlink: bytes | None,
-                  deadline_s: float) -> Iterator[Reply]:
+    def run_round(
+        self, round: int, work: dict[str, Work], downlink: bytes | None, deadline_s: float
+    ) -> Iterator[Reply]:
         replies = []
         for idx, name in enumerate(self.silos):
             if name not in work:

@@ -18,13 +18,23 @@ class RunProgress:
         self._progress: Any = None
         if not quiet:
             from rich.console import Console
-            from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn,
-                                       TimeElapsedColumn)
+            from rich.progress import (
+                BarColumn,
+                MofNCompleteColumn,
+                Progress,
+                TextColumn,
+                TimeElapsedColumn,
+            )
 
             self.console = Console(stderr=True)
-            self._progress = Progress(TextColumn("{task.description}"), BarColumn(),
-                                      MofNCompleteColumn(), TimeElapsedColumn(),
-                                      console=self.console, transient=False)
+            self._progress = Progress(
+                TextColumn("{task.description}"),
+                BarColumn(),
+                MofNCompleteColumn(),
+                TimeElapsedColumn(),
+                console=self.console,
+                transient=False,
+            )
             self._rounds = self._progress.add_task("rounds", total=rounds)
             self._steps = self._progress.add_task("inner steps", total=1)
 
@@ -33,8 +43,9 @@ class RunProgress:
             self._progress.start()
         return self
 
-    def __exit__(self, et: type[BaseException] | None, e: BaseException | None,
-                 tb: TracebackType | None) -> None:
+    def __exit__(
+        self, et: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None
+    ) -> None:
         if self._progress is not None:
             self._progress.stop()
 
@@ -44,8 +55,9 @@ class RunProgress:
 
     def round_start(self, rnd: int, steps: int) -> None:
         if self._progress is not None:
-            self._progress.reset(self._steps, total=steps * self.silos,
-                                 description=f"round {rnd} inner steps")
+            self._progress.reset(
+                self._steps, total=steps * self.silos, description=f"round {rnd} inner steps"
+            )
 
     def step(self, n: int) -> None:
         if self._progress is not None:

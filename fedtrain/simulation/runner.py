@@ -49,8 +49,9 @@ def _write_config(run: RunDir, cfg: Config) -> None:
     run.write_text("config.toml", tomli_w.dumps(data))
 
 
-def simulate(cfg: Config, run_dir: Path, *, quiet: bool = False,
-             step_time_s: float | None = None) -> dict[str, Any]:
+def simulate(
+    cfg: Config, run_dir: Path, *, quiet: bool = False, step_time_s: float | None = None
+) -> dict[str, Any]:
     """Run ``cfg`` with the in-process engine; write the run directory; return the summary."""
     if (run_dir / "metrics.jsonl").exists() or (run_dir / "summary.json").exists():
         raise RunExists(f"{run_dir} already holds a run; choose another --run-dir")
@@ -77,11 +78,20 @@ def simulate(cfg: Config, run_dir: Path, *, quiet: bool = False,
     n_params = count_parameters(model)
     strategy = build_strategy(cfg, dict(model.named_parameters()))
     progress = RunProgress(quiet=quiet, silos=cfg.data.silos, rounds=expected_rounds(cfg))
-    engine = InProcessEngine(cfg, run_id, data.silo_tokens, factory, on_step=progress.step,
-                             step_time_s=step_time_s)
-    coord = Coordinator(cfg=cfg, run_id=run_id, model=model, strategy=strategy, engine=engine,
-                        run_dir=run, eval_batch=data.eval_batch, on_round=progress.round_done,
-                        on_round_start=progress.round_start)
+    engine = InProcessEngine(
+        cfg, run_id, data.silo_tokens, factory, on_step=progress.step, step_time_s=step_time_s
+    )
+    coord = Coordinator(
+        cfg=cfg,
+        run_id=run_id,
+        model=model,
+        strategy=strategy,
+        engine=engine,
+        run_dir=run,
+        eval_batch=data.eval_batch,
+        on_round=progress.round_done,
+        on_round_start=progress.round_start,
+    )
     progress.header(
         f"{cfg.run.name}: {cfg.strategy.name}, {cfg.data.silos} silos, {cfg.model.preset} "
         f"({n_params / 1e6:.2f}M params, vocab {vocab}), {cfg.total_inner_steps()} inner steps "
@@ -122,11 +132,17 @@ def simulate(cfg: Config, run_dir: Path, *, quiet: bool = False,
         "sim_time_s": engine.sim_time_s(),
         "measured_step_time_s": engine.measured_step_time_s,
         "silo_compute_s": engine.compute_s,
-        "silo_groups": {n: g[:3] + (["..."] if len(g) > 3 else [])
-                        for n, g in zip(cfg.silo_names(), data.silo_groups, strict=True)},
+        "silo_groups": {
+            n: g[:3] + (["..."] if len(g) > 3 else [])
+            for n, g in zip(cfg.silo_names(), data.silo_groups, strict=True)
+        },
         "wall_s": round(time.perf_counter() - started, 3),
-        "versions": {"fedtrain": fedtrain.__version__, "torch": torch.__version__,
-                     "python": sys.version.split()[0], "platform": platform.platform()},
+        "versions": {
+            "fedtrain": fedtrain.__version__,
+            "torch": torch.__version__,
+            "python": sys.version.split()[0],
+            "platform": platform.platform(),
+        },
     }
     run.write_json("summary.json", summary)
     run.event("run_end", final_eval_loss=totals.final_eval_loss, tokens=totals.tokens)

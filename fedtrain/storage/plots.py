@@ -27,13 +27,19 @@ def plot_metrics(rows: list[dict[str, Any]], out_dir: Path, title: str = "") -> 
         plt.close(fig)
         written.append(path)
 
-    for xkey, name, xlabel in (("round", "loss_vs_round.png", "round"),
-                               ("tokens", "loss_vs_tokens.png", "training tokens")):
+    for xkey, name, xlabel in (
+        ("round", "loss_vs_round.png", "round"),
+        ("tokens", "loss_vs_tokens.png", "training tokens"),
+    ):
         fig, ax = plt.subplots(figsize=(6, 4))
         ax.plot([r[xkey] for r in rows], [r["train_loss"] for r in rows], label="train")
         if ev:
-            ax.plot([e[0] if xkey == "round" else e[1] for e in ev], [e[2] for e in ev],
-                    marker="o", label="eval")
+            ax.plot(
+                [e[0] if xkey == "round" else e[1] for e in ev],
+                [e[2] for e in ev],
+                marker="o",
+                label="eval",
+            )
         ax.set_xlabel(xlabel)
         ax.set_ylabel("loss (nats/token)")
         ax.set_title(title)

@@ -68,8 +68,9 @@ class RunDir:
         return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
     # ------------------------------------------------------------------ checkpoints
-    def save_checkpoint(self, tag: str, parts: dict[str, dict[str, torch.Tensor]],
-                        meta: dict[str, Any]) -> Path:
+    def save_checkpoint(
+        self, tag: str, parts: dict[str, dict[str, torch.Tensor]], meta: dict[str, Any]
+    ) -> Path:
         """Commit a checkpoint: one safetensors file per part, then its JSON metadata last.
 
         A checkpoint counts only once ``{tag}.json`` exists, so a crash mid-write leaves the
@@ -96,6 +97,7 @@ class RunDir:
     def load_checkpoint(self, tag: str) -> tuple[dict[str, dict[str, torch.Tensor]], dict]:
         """Parts and metadata of a committed checkpoint."""
         meta = json.loads((self.checkpoints / f"{tag}.json").read_text())
-        parts = {part: load_file(str(self.checkpoints / name))
-                 for part, name in meta["files"].items()}
+        parts = {
+            part: load_file(str(self.checkpoints / name)) for part, name in meta["files"].items()
+        }
         return parts, meta

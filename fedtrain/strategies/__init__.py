@@ -9,16 +9,21 @@ from fedtrain.strategies.base import OuterOptimizerStrategy, Strategy, Work
 from fedtrain.strategies.ddp import DataParallel
 from fedtrain.strategies.diloco import DiLoCo
 
-__all__ = ["DataParallel", "DiLoCo", "OuterOptimizerStrategy", "Strategy", "Work",
-           "build_strategy"]
+__all__ = ["DataParallel", "DiLoCo", "OuterOptimizerStrategy", "Strategy", "Work", "build_strategy"]
 
 
 def build_strategy(cfg: Config, params: dict[str, torch.nn.Parameter]) -> Strategy:
     """The strategy named by ``cfg.strategy.name`` over the global ``params``."""
     s = cfg.strategy
     if s.name == "diloco":
-        return DiLoCo(params, inner_steps=cfg.train.inner_steps, lr=s.outer_lr,
-                      momentum=s.outer_momentum, nesterov=s.nesterov, weighting=s.weighting)
+        return DiLoCo(
+            params,
+            inner_steps=cfg.train.inner_steps,
+            lr=s.outer_lr,
+            momentum=s.outer_momentum,
+            nesterov=s.nesterov,
+            weighting=s.weighting,
+        )
     if s.name == "fedavg":
         return DiLoCo.fedavg(params, inner_steps=cfg.train.inner_steps, weighting=s.weighting)
     if s.name == "ddp":

@@ -12,8 +12,13 @@ from typing import Any
 
 import torch
 
-__all__ = ["OuterOptimizerStrategy", "Strategy", "Work", "optimizer_from_tensors",
-           "optimizer_to_tensors"]
+__all__ = [
+    "OuterOptimizerStrategy",
+    "Strategy",
+    "Work",
+    "optimizer_from_tensors",
+    "optimizer_to_tensors",
+]
 
 
 @dataclass(slots=True)
@@ -78,7 +83,9 @@ def optimizer_to_tensors(
 
 
 def optimizer_from_tensors(
-    opt: torch.optim.Optimizer, names: list[str], tensors: dict[str, torch.Tensor],
+    opt: torch.optim.Optimizer,
+    names: list[str],
+    tensors: dict[str, torch.Tensor],
     meta: dict[str, Any],
 ) -> None:
     """Inverse of :func:`optimizer_to_tensors`."""

@@ -24,8 +24,9 @@ class DataParallel(OuterOptimizerStrategy):
     name = "ddp"
     reply_kind = "grad"
 
-    def __init__(self, params: dict[str, torch.nn.Parameter], *, train: TrainSection,
-                 total_steps: int) -> None:
+    def __init__(
+        self, params: dict[str, torch.nn.Parameter], *, train: TrainSection, total_steps: int
+    ) -> None:
         super().__init__(params)
         self.train_cfg = train
         self.total_steps = total_steps

@@ -38,15 +38,23 @@ class DiLoCo(OuterOptimizerStrategy):
         self.inner_steps = inner_steps
         self.weighting = weighting
         # torch rejects Nesterov without momentum; FedAvg (momentum 0) is plain SGD.
-        self.optimizer = torch.optim.SGD(list(params.values()), lr=lr, momentum=momentum,
-                                         nesterov=nesterov and momentum > 0)
+        self.optimizer = torch.optim.SGD(
+            list(params.values()), lr=lr, momentum=momentum, nesterov=nesterov and momentum > 0
+        )
 
     @classmethod
-    def fedavg(cls, params: dict[str, torch.nn.Parameter], *, inner_steps: int,
-               weighting: str = "tokens") -> DiLoCo:
+    def fedavg(
+        cls, params: dict[str, torch.nn.Parameter], *, inner_steps: int, weighting: str = "tokens"
+    ) -> DiLoCo:
         """FedAvg (McMahan et al. 2017) = DiLoCo with outer SGD lr 1.0 and no momentum."""
-        return cls(params, inner_steps=inner_steps, lr=1.0, momentum=0.0, nesterov=False,
-                   weighting=weighting)
+        return cls(
+            params,
+            inner_steps=inner_steps,
+            lr=1.0,
+            momentum=0.0,
+            nesterov=False,
+            weighting=weighting,
+        )
 
     def plan(self, round: int, silos: list[str], steps: int) -> dict[str, Work]:
         h = min(self.inner_steps, steps)

@@ -95,8 +95,11 @@ def _header(data: bytes | memoryview) -> tuple[dict[str, Any], int]:
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
         raise PayloadError(f"corrupted header: {e}") from None
     if not isinstance(header, dict) or header.get("format") != FORMAT_VERSION:
-        raise PayloadError(f"unsupported payload format {header.get('format')!r}"
-                           if isinstance(header, dict) else "header is not an object")
+        raise PayloadError(
+            f"unsupported payload format {header.get('format')!r}"
+            if isinstance(header, dict)
+            else "header is not an object"
+        )
     return header, 8 + hlen
 
 
@@ -111,8 +114,9 @@ def decode_payload(data: bytes | memoryview) -> Payload:
         raise PayloadError(f"header missing or invalid field: {e}") from None
     body = memoryview(data)[start:]
     if len(body) != body_bytes:
-        raise PayloadError(f"body is {len(body)} bytes but the header says {body_bytes} "
-                           "(truncated or padded)")
+        raise PayloadError(
+            f"body is {len(body)} bytes but the header says {body_bytes} (truncated or padded)"
+        )
     if hashlib.sha256(body).hexdigest() != digest:
         raise PayloadError("body checksum mismatch (corrupted in transit or tampered)")
     if not (len(names) == len(shapes) == len(sizes)) or sum(sizes) != body_bytes:
@@ -122,8 +126,9 @@ def decode_payload(data: bytes | memoryview) -> Payload:
     for name, shape, size in zip(names, shapes, sizes, strict=True):
         numel = math.prod(shape)
         if codec.encoded_size(numel) != size:
-            raise PayloadError(f"tensor {name!r}: {size} bytes do not hold {numel} values "
-                               f"in codec {codec.name}")
+            raise PayloadError(
+                f"tensor {name!r}: {size} bytes do not hold {numel} values in codec {codec.name}"
+            )
         tensors[name] = codec.decode(body[offset : offset + size], numel).reshape(shape)
         offset += size
     return Payload(
