@@ -234,12 +234,25 @@ class StrategySection:
 @dataclass(kw_only=True, slots=True)
 class TransportSection:
     codec: str = "fp32"
-    """Codec for updates in both directions (see fedtrain.transport.CODECS)."""
+    """Codec for updates in both directions: fp32, bf16, int8, int4, fp4-e2m1, sign1."""
+    error_feedback: bool = False
+    """Keep the quantization error (uplink per silo, downlink at the coordinator) and resend it."""
+    block_size: int = 64
+    """Values per block; each block stores one bf16 scale."""
+    stochastic_rounding: bool = False
+    """Round quantized values stochastically (unbiased) instead of to nearest."""
+    sign_updates: bool = False
+    """Each silo signs its updates with its Ed25519 key; the coordinator verifies them."""
 
     def __post_init__(self) -> None:
-        from fedtrain.transport.codecs import CODECS
-
-        _check(self.codec in CODECS, "transport.codec", f"one of {sorted(CODECS)}", self.codec)
+        codecs = ("fp32", "bf16", "int8", "int4", "fp4-e2m1", "sign1")
+        _check(self.codec in codecs, "transport.codec", f"one of {list(codecs)}", self.codec)
+        _check(
+            1 <= self.block_size <= 1 << 20,
+            "transport.block_size",
+            "an integer in [1, 1048576]",
+            self.block_size,
+        )
 
 
 @dataclass(kw_only=True, slots=True)

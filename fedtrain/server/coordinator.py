@@ -1,11 +1,13 @@
 """The engine-independent coordinator round loop.
 
 Each round: the strategy plans the work, the engine delivers the last outer update plus the
-work and yields replies as they arrive; replies are decoded, validated and folded into a
-streaming weighted mean until the close condition or the deadline; the outer optimizer steps;
-the outer update δ is encoded with the transport codec and the coordinator applies the SAME
-decoded δ̂ to its weights as the silos will (so both hold identical weights); the new state is
-committed to the run directory before the next round starts.
+work and yields replies as they arrive; replies are decoded (signature checked when signing is
+on), validated and folded into a streaming weighted mean until the close condition or the
+deadline; the outer optimizer steps; the outer update δ is encoded with the transport codec
+(with the coordinator's own error feedback) and the coordinator applies the SAME decoded δ̂ to
+its weights as the silos will, so both hold bitwise-identical weights; the new state is
+committed to the run directory before the next round starts. The broadcast carries the list of
+silos whose updates counted: that is each silo's acknowledgement for its error feedback.
 """
 
 from __future__ import annotations
@@ -21,13 +23,15 @@ import torch
 
 from fedtrain.client.trainer import evaluate_loss
 from fedtrain.config import Config
+from fedtrain.data.stream import derive_seed
 from fedtrain.models.llama import Llama
 from fedtrain.server.aggregate import StreamingMean
 from fedtrain.server.closing import close_condition
 from fedtrain.server.engine import Engine
 from fedtrain.server.validate import UpdateRejected, validate_update
 from fedtrain.storage.rundir import RunDir
-from fedtrain.strategies.base import Strategy
+from fedtrain.strategies.base import Strategy, Work
+from fedtrain.transport.feedback import ErrorFeedback
 from fedtrain.transport.payload import PayloadError, decode_payload, encode_payload
 
 __all__ = ["Coordinator", "RunTotals"]
@@ -43,12 +47,29 @@ class RunTotals:
     tokens: int = 0
     bytes_up: int = 0
     bytes_down: int = 0
+    """Broadcast updates (and the final one), all silos; excludes the one-off join."""
+    bytes_join: int = 0
+    """Full fp32 weights sent once to each joining silo."""
     initial_eval_loss: float = math.nan
     final_eval_loss: float = math.nan
     max_buffer_bytes: int = 0
     stragglers: int = 0
     rejected: int = 0
+    values_up: int = 0
+    """Values carried by decoded uplink payloads (for the compression ratio vs fp32)."""
+    payload_bytes_up: int = 0
+    """Bytes of those payloads."""
+    values_down: int = 0
+    """Values carried by broadcast updates (per copy)."""
+    payload_bytes_down: int = 0
+    """Bytes of those broadcasts (per copy)."""
     history: list[dict[str, Any]] = field(default_factory=list)
+
+    def compression(self) -> dict[str, float | None]:
+        """fp32 bytes of the values carried / bytes actually sent, per direction."""
+        up = 4 * self.values_up / self.payload_bytes_up if self.payload_bytes_up else None
+        down = 4 * self.values_down / self.payload_bytes_down if self.payload_bytes_down else None
+        return {"up": up, "down": down}
 
 
 class Coordinator:
@@ -66,6 +87,7 @@ class Coordinator:
         eval_batch: torch.Tensor,
         on_round: Callable[[dict[str, Any]], None] | None = None,
         on_round_start: Callable[[int, int], None] | None = None,
+        public_keys: dict[str, Any] | None = None,
     ) -> None:
         self.cfg = cfg
         self.run_id = run_id
@@ -77,7 +99,11 @@ class Coordinator:
         self.eval_batch = eval_batch
         self.on_round = on_round
         self.on_round_start = on_round_start
-        self.codec = cfg.transport.codec
+        self.public_keys = public_keys or {}
+        if cfg.transport.sign_updates and set(self.public_keys) != set(engine.silos):
+            missing = sorted(set(engine.silos) - set(self.public_keys))
+            raise ValueError(f"transport.sign_updates is on but silos {missing} have no key")
+        self.feedback = ErrorFeedback() if cfg.transport.error_feedback else None
         self.totals = RunTotals()
 
     def evaluate(self) -> float:
@@ -85,9 +111,27 @@ class Coordinator:
             self.model, self.eval_batch, self.cfg.train.batch_size, bf16=self.cfg.train.bf16
         )
 
-    def _encode(self, tensors: dict[str, torch.Tensor], kind: str, round: int, codec: str) -> bytes:
+    def _encode(
+        self,
+        tensors: dict[str, torch.Tensor],
+        kind: str,
+        rnd: int,
+        codec: str,
+        meta: dict[str, Any] | None = None,
+    ) -> bytes:
+        t = self.cfg.transport
+        gen = torch.Generator().manual_seed(derive_seed(self.cfg.run.seed, "sr", "down", rnd))
         return encode_payload(
-            tensors, codec=codec, kind=kind, run_id=self.run_id, round=round, sender="coordinator"
+            tensors,
+            codec=codec,
+            kind=kind,
+            run_id=self.run_id,
+            round=rnd,
+            sender="coordinator",
+            meta=meta,
+            block_size=t.block_size,
+            stochastic=t.stochastic_rounding,
+            generator=gen,
         )
 
     # --------------------------------------------------------------------- run
@@ -95,6 +139,7 @@ class Coordinator:
         t = self.totals
         cfg = self.cfg
         weights = {n: p.detach() for n, p in self.params.items()}
+        # Joining silos get full fp32 weights once; afterwards only encoded updates.
         join_bytes = self.engine.join(self._encode(weights, "weights", 0, "fp32"))
         self.run_dir.event("join", silos=self.engine.silos, bytes_down=join_bytes)
         t.initial_eval_loss = self.evaluate()
@@ -104,7 +149,7 @@ class Coordinator:
         total_steps = cfg.total_inner_steps()
         eval_every = cfg.run.eval_every_tokens or cfg.round_tokens()
         next_eval = eval_every
-        pending_down = join_bytes
+        t.bytes_join = join_bytes
         downlink: bytes | None = None
         start = time.perf_counter()
         while t.steps < total_steps and (cfg.run.rounds == 0 or t.rounds < cfg.run.rounds):
@@ -115,8 +160,7 @@ class Coordinator:
                 self.on_round_start(rnd, steps)
             result = self._round(rnd, work, downlink)
             t.steps += steps
-            down = pending_down + (len(downlink) * len(work) if downlink else 0)
-            pending_down = 0
+            down = len(downlink) * len(work) if downlink else 0
             t.bytes_up += result["bytes_up"]
             t.bytes_down += down
             t.rounds = rnd
@@ -133,9 +177,9 @@ class Coordinator:
                     cfg.round.min_silos,
                 )
                 continue
-            downlink = self._outer_step(rnd, result["mean"])
+            downlink = self._outer_step(rnd, result["mean"], result["accepted"])
             t.tokens += result["tokens"]
-            last = t.steps >= total_steps or (cfg.run.rounds and rnd >= cfg.run.rounds)
+            last = t.steps >= total_steps or bool(cfg.run.rounds and rnd >= cfg.run.rounds)
             eval_loss = None
             if t.tokens >= next_eval or last:
                 eval_loss = self.evaluate()
@@ -157,21 +201,28 @@ class Coordinator:
                 "rejected": result["rejected"],
                 "round_time_s": result["duration"],
                 "buffer_bytes": result["buffer_bytes"],
+                "codec": cfg.transport.codec,
+                "compression_up": result["compression_up"],
             }
             self._commit(rnd, row)
             t.history.append(row)
             if self.on_round:
                 self.on_round(row)
+        final = self.engine.finish(downlink)
+        t.bytes_down += final
+        self.run_dir.event("finish", bytes_down=final)
         return t
 
-    def _round(self, rnd: int, work: dict, downlink: bytes | None) -> dict[str, Any]:
+    def _round(self, rnd: int, work: dict[str, Work], downlink: bytes | None) -> dict[str, Any]:
         cfg = self.cfg
         timeout = cfg.round.timeout_s
         closer = close_condition(cfg.round)
         agg = StreamingMean()
         valid = seen = stragglers = rejected = bytes_up = tokens = 0
+        values = decoded_bytes = 0
         loss_sum = loss_w = 0.0
         last_arrival = 0.0
+        accepted: list[str] = []
         closed = False
         for reply in self.engine.run_round(rnd, work, downlink, timeout):
             seen += 1
@@ -193,7 +244,8 @@ class Coordinator:
                 log.warning("silo %s failed in round %d: %s", reply.silo, rnd, reply.error)
                 continue
             try:
-                payload = decode_payload(reply.payload)
+                key = self.public_keys.get(reply.silo) if cfg.transport.sign_updates else None
+                payload = decode_payload(reply.payload, public_key=key)
                 validate_update(
                     payload,
                     run_id=self.run_id,
@@ -210,6 +262,9 @@ class Coordinator:
             w = self.strategy.weight(payload.meta)
             agg.add(payload.tensors, w)
             valid += 1
+            accepted.append(reply.silo)
+            values += payload.numel
+            decoded_bytes += size
             n_tok = int(payload.meta.get("tokens", 0))
             tokens += n_tok
             loss_sum += float(payload.meta.get("train_loss", math.nan)) * n_tok
@@ -220,6 +275,8 @@ class Coordinator:
                 round=rnd,
                 silo=reply.silo,
                 bytes_up=size,
+                bytes_down=len(downlink) if downlink else 0,
+                codec=payload.codec,
                 tokens=n_tok,
                 train_loss=payload.meta.get("train_loss"),
                 arrival_s=reply.arrival_s,
@@ -230,13 +287,17 @@ class Coordinator:
                 break
         duration = last_arrival if closed else timeout
         self.engine.close_round(duration)
-        self.totals.stragglers += stragglers
-        self.totals.rejected += rejected
-        self.totals.max_buffer_bytes = max(self.totals.max_buffer_bytes, agg.buffer_bytes)
+        t = self.totals
+        t.stragglers += stragglers
+        t.rejected += rejected
+        t.values_up += values
+        t.payload_bytes_up += decoded_bytes
+        t.max_buffer_bytes = max(t.max_buffer_bytes, agg.buffer_bytes)
         ok = valid >= cfg.round.min_silos
         return {
             "mean": agg.mean() if ok else None,
             "valid": valid,
+            "accepted": accepted,
             "tokens": tokens,
             "train_loss": loss_sum / loss_w if loss_w else None,
             "bytes_up": bytes_up,
@@ -244,19 +305,28 @@ class Coordinator:
             "rejected": rejected,
             "duration": duration,
             "buffer_bytes": agg.buffer_bytes,
+            "compression_up": 4 * values / decoded_bytes if decoded_bytes else None,
         }
 
     @torch.no_grad()
-    def _outer_step(self, rnd: int, mean: dict[str, torch.Tensor]) -> bytes:
+    def _outer_step(self, rnd: int, mean: dict[str, torch.Tensor], accepted: list[str]) -> bytes:
         """Outer step, then replace θ by θ_old + δ̂ (the decoded broadcast update)."""
         old = {n: p.detach().clone() for n, p in self.params.items()}
         with torch.enable_grad():
             self.strategy.step(mean, rnd)
         delta = {n: p.detach() - old[n] for n, p in self.params.items()}
-        downlink = self._encode(delta, "update", rnd, self.codec)
+        send = self.feedback.compensate(delta) if self.feedback is not None else delta
+        downlink = self._encode(
+            send, "update", rnd, self.cfg.transport.codec, meta={"accepted": accepted}
+        )
         decoded = decode_payload(downlink).tensors
+        if self.feedback is not None:
+            self.feedback.stage(send, decoded)
+            self.feedback.commit()  # the coordinator's own broadcast always counts
         for n, p in self.params.items():
             p.copy_(old[n] + decoded[n])
+        self.totals.values_down += sum(v.numel() for v in decoded.values())
+        self.totals.payload_bytes_down += len(downlink)
         return downlink
 
     def _commit(self, rnd: int, row: dict[str, Any]) -> None:
@@ -264,9 +334,12 @@ class Coordinator:
         last = self.totals.steps >= self.cfg.total_inner_steps()
         if rnd % every == 0 or last:
             outer, outer_meta = self.strategy.state_tensors()
+            parts = {"global": {n: p.detach() for n, p in self.params.items()}, "outer": outer}
+            if self.feedback is not None:
+                parts["feedback"] = self.feedback.state_dict()
             self.run_dir.save_checkpoint(
                 f"round_{rnd:06d}",
-                {"global": {n: p.detach() for n, p in self.params.items()}, "outer": outer},
+                parts,
                 {
                     "round": rnd,
                     "run_id": self.run_id,

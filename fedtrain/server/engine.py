@@ -38,6 +38,10 @@ class Engine(Protocol):
         order, stopping at ``deadline_s`` (late replies may still be yielded, marked by time)."""
         ...
 
+    def finish(self, downlink: bytes | None) -> int:
+        """Deliver the last outer update to every silo; return bytes sent in total."""
+        ...
+
     def sim_time_s(self) -> float | None:
         """Simulated seconds elapsed, or None for a real deployment."""
         ...

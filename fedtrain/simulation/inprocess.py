@@ -14,15 +14,17 @@ import time
 from collections.abc import Callable, Iterator
 
 import torch
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from fedtrain.client.trainer import SiloTrainer
+from fedtrain.client.worker import SiloWorker
 from fedtrain.config import Config
 from fedtrain.data.stream import TokenStream
 from fedtrain.models.llama import Llama
 from fedtrain.server.engine import Reply
 from fedtrain.simulation.clock import SiloTiming, VirtualClock
 from fedtrain.strategies.base import Work
-from fedtrain.transport.payload import decode_payload, encode_payload
+from fedtrain.transport.payload import decode_payload
 
 __all__ = ["InProcessEngine", "measure_step_time"]
 
@@ -65,16 +67,27 @@ class InProcessEngine:
         self.on_step = on_step
         self.clock = VirtualClock()
         total = cfg.total_inner_steps()
-        self.trainers = {
-            name: SiloTrainer(
-                name, model_factory(), TokenStream(tokens, cfg.run.seed, name), cfg.train, total
+        keys = {
+            name: Ed25519PrivateKey.generate() if cfg.transport.sign_updates else None
+            for name in self.silos
+        }
+        self.workers = {
+            name: SiloWorker(
+                SiloTrainer(
+                    name, model_factory(), TokenStream(tokens, cfg.run.seed, name), cfg.train, total
+                ),
+                run_id=run_id,
+                transport=cfg.transport,
+                seed=cfg.run.seed,
+                signing_key=keys[name],
             )
             for name, tokens in zip(self.silos, silo_tokens, strict=True)
         }
+        self.public_keys = {n: k.public_key() for n, k in keys.items() if k is not None}
         profiles = cfg.silo_profiles()
         self.measured_step_time_s: float | None = step_time_s
         if any(p.step_time_s == 0 for p in profiles) and step_time_s is None:
-            first = next(iter(self.trainers.values()))
+            first = next(iter(self.workers.values())).trainer
             self.measured_step_time_s = measure_step_time(first.model, cfg)
             log.info("measured step time %.4f s", self.measured_step_time_s)
         self.timing = {
@@ -91,49 +104,11 @@ class InProcessEngine:
 
     def join(self, weights_payload: bytes) -> int:
         weights = decode_payload(weights_payload).tensors
-        for trainer in self.trainers.values():
-            trainer.set_global(weights)
+        for worker in self.workers.values():
+            worker.trainer.set_global(weights)
         # Joining happens before round 1; charge the slowest download to the clock.
         self.clock.advance(max(t.down_time(len(weights_payload)) for t in self.timing.values()))
-        return len(weights_payload) * len(self.trainers)
-
-    def _silo_reply(
-        self, name: str, round: int, work: Work, downlink: bytes | None
-    ) -> tuple[bytes, float]:
-        trainer = self.trainers[name]
-        if downlink is not None:
-            trainer.apply_global_update(decode_payload(downlink).tensors)
-        if work.kind == "train":
-            stats = trainer.train(work.steps, self.on_step)
-            tensors = trainer.pseudo_gradient(work.names)
-            kind = "pseudo_grad"
-        elif work.kind == "grad":
-            tensors, stats = trainer.gradient()
-            if self.on_step:
-                self.on_step(1)
-            kind = "grad"
-        else:
-            raise ValueError(f"in-process engine cannot run work of kind {work.kind!r}")
-        meta = {
-            "tokens": stats.tokens,
-            "train_loss": stats.mean_loss,
-            "steps": stats.steps,
-            "silo_step": trainer.step,
-        }
-        payload = encode_payload(
-            tensors,
-            codec=self.cfg.transport.codec,
-            kind=kind,
-            run_id=self.run_id,
-            round=round,
-            sender=name,
-            meta=meta,
-        )
-        timing = self.timing[name]
-        compute = timing.compute_time(stats.steps, round)
-        self.compute_s[name] += compute
-        down = timing.down_time(len(downlink)) if downlink is not None else 0.0
-        return payload, down + compute + timing.up_time(len(payload))
+        return len(weights_payload) * len(self.workers)
 
     def run_round(
         self, round: int, work: dict[str, Work], downlink: bytes | None, deadline_s: float
@@ -142,11 +117,28 @@ class InProcessEngine:
         for idx, name in enumerate(self.silos):
             if name not in work:
                 continue
-            payload, arrival = self._silo_reply(name, round, work[name], downlink)
-            replies.append((arrival, idx, Reply(silo=name, payload=payload, arrival_s=arrival)))
+            worker, timing = self.workers[name], self.timing[name]
+            worker.receive(downlink)
+            result = worker.work(round, work[name], self.on_step)
+            compute = timing.compute_time(result.stats.steps, round)
+            self.compute_s[name] += compute
+            down = timing.down_time(len(downlink)) if downlink is not None else 0.0
+            arrival = down + compute + timing.up_time(len(result.payload))
+            replies.append(
+                (arrival, idx, Reply(silo=name, payload=result.payload, arrival_s=arrival))
+            )
         replies.sort(key=lambda r: (r[0], r[1]))
         for _, _, reply in replies:
             yield reply
+
+    def finish(self, downlink: bytes | None) -> int:
+        """Deliver the last outer update so every silo ends on the final global weights."""
+        if downlink is None:
+            return 0
+        for worker in self.workers.values():
+            worker.receive(downlink)
+        self.clock.advance(max(t.down_time(len(downlink)) for t in self.timing.values()))
+        return len(downlink) * len(self.workers)
 
     def close_round(self, duration_s: float) -> None:
         self.clock.advance(duration_s)

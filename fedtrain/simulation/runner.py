@@ -8,6 +8,7 @@ import os
 import platform
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -16,8 +17,8 @@ from safetensors.torch import save_file
 
 import fedtrain
 from fedtrain.config import Config, config_sha256, config_to_dict
-from fedtrain.data.prepare import prepare_data
-from fedtrain.models.llama import build_model, count_parameters
+from fedtrain.data.prepare import PreparedData, prepare_data
+from fedtrain.models.llama import Llama, build_model, count_parameters
 from fedtrain.models.presets import PRESETS
 from fedtrain.server.coordinator import Coordinator
 from fedtrain.simulation.inprocess import InProcessEngine
@@ -26,7 +27,7 @@ from fedtrain.storage.plots import plot_metrics
 from fedtrain.storage.rundir import RunDir
 from fedtrain.strategies import build_strategy
 
-__all__ = ["RunExists", "expected_rounds", "simulate"]
+__all__ = ["RunExists", "Simulation", "build_simulation", "expected_rounds", "simulate"]
 
 log = logging.getLogger(__name__)
 
@@ -49,10 +50,38 @@ def _write_config(run: RunDir, cfg: Config) -> None:
     run.write_text("config.toml", tomli_w.dumps(data))
 
 
+@dataclass(slots=True)
+class Simulation:
+    """A wired-up simulated run: call :meth:`run` once."""
+
+    cfg: Config
+    run_dir: Path
+    run: RunDir
+    run_id: str
+    config_sha256: str
+    data: PreparedData
+    model: Llama
+    engine: InProcessEngine
+    coordinator: Coordinator
+    progress: RunProgress
+    started: float
+
+    def execute(self) -> dict[str, Any]:
+        """Train, then write weights, plots and the summary; return the summary."""
+        return _execute(self)
+
+
 def simulate(
     cfg: Config, run_dir: Path, *, quiet: bool = False, step_time_s: float | None = None
 ) -> dict[str, Any]:
     """Run ``cfg`` with the in-process engine; write the run directory; return the summary."""
+    return build_simulation(cfg, run_dir, quiet=quiet, step_time_s=step_time_s).execute()
+
+
+def build_simulation(
+    cfg: Config, run_dir: Path, *, quiet: bool = False, step_time_s: float | None = None
+) -> Simulation:
+    """Prepare data, model, strategy, engine and coordinator for ``cfg`` (no training yet)."""
     if (run_dir / "metrics.jsonl").exists() or (run_dir / "summary.json").exists():
         raise RunExists(f"{run_dir} already holds a run; choose another --run-dir")
     started = time.perf_counter()
@@ -75,7 +104,6 @@ def simulate(
         return build_model(shape, vocab, cfg.run.seed, tie=cfg.model.tie_embeddings)
 
     model = factory()
-    n_params = count_parameters(model)
     strategy = build_strategy(cfg, dict(model.named_parameters()))
     progress = RunProgress(quiet=quiet, silos=cfg.data.silos, rounds=expected_rounds(cfg))
     engine = InProcessEngine(
@@ -91,14 +119,42 @@ def simulate(
         eval_batch=data.eval_batch,
         on_round=progress.round_done,
         on_round_start=progress.round_start,
+        public_keys=engine.public_keys,
     )
+    return Simulation(
+        cfg=cfg,
+        run_dir=run_dir,
+        run=run,
+        run_id=run_id,
+        config_sha256=sha,
+        data=data,
+        model=model,
+        engine=engine,
+        coordinator=coord,
+        progress=progress,
+        started=started,
+    )
+
+
+def _execute(sim: Simulation) -> dict[str, Any]:
+    cfg, run, run_dir, data, model, engine = (
+        sim.cfg,
+        sim.run,
+        sim.run_dir,
+        sim.data,
+        sim.model,
+        sim.engine,
+    )
+    progress, run_id, sha, started = sim.progress, sim.run_id, sim.config_sha256, sim.started
+    n_params = count_parameters(model)
+    vocab = data.tokenizer.vocab_size
     progress.header(
         f"{cfg.run.name}: {cfg.strategy.name}, {cfg.data.silos} silos, {cfg.model.preset} "
         f"({n_params / 1e6:.2f}M params, vocab {vocab}), {cfg.total_inner_steps()} inner steps "
         f"per silo -> {run_dir}"
     )
     with progress:
-        totals = coord.run()
+        totals = sim.coordinator.run()
 
     tmp = run_dir / ".model.safetensors.tmp"
     save_file({n: p.detach().contiguous() for n, p in model.named_parameters()}, str(tmp))
@@ -124,8 +180,12 @@ def simulate(
         "unigram_eval_loss": data.unigram_eval_loss,
         "bytes_up": totals.bytes_up,
         "bytes_down": totals.bytes_down,
-        "bytes_total": totals.bytes_up + totals.bytes_down,
+        "bytes_join": totals.bytes_join,
+        "bytes_total": totals.bytes_up + totals.bytes_down + totals.bytes_join,
         "fp32_model_bytes": model_bytes,
+        "compression_up": totals.compression()["up"],
+        "compression_down": totals.compression()["down"],
+        "error_feedback": cfg.transport.error_feedback,
         "stragglers": totals.stragglers,
         "rejected": totals.rejected,
         "max_buffer_bytes": totals.max_buffer_bytes,

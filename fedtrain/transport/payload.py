@@ -1,9 +1,12 @@
 """Framed update payloads: a JSON header (ids, codec, names, shapes, checksum) plus a body.
 
-Layout: ``b"FTP1"`` | header length (uint32, big-endian) | UTF-8 JSON header | body.
-The body is the concatenation of each tensor's codec bytes, in header order. Decoding checks
-magic, lengths, the sha256 of the body and every tensor's size before touching values, and raises
-:class:`PayloadError` naming the reason; it never returns garbage tensors.
+Layout: ``b"FTP1"`` | header length (uint32 BE) | UTF-8 JSON header | body | [64-byte Ed25519
+signature over everything before it, when the header says ``signed``].
+The body is each tensor's codec bytes, concatenated in header order. The header carries the
+run id, round, sender and fragment, so a signed payload cannot be replayed into another round,
+run or silo. Decoding checks magic, lengths, signature (when a key is given), the body's sha256
+and every tensor's size BEFORE decoding values; any failure raises :class:`PayloadError` (or its
+subclass :class:`SignatureError`) with the reason — never garbage tensors.
 """
 
 from __future__ import annotations
@@ -16,18 +19,33 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+from cryptography.exceptions import InvalidSignature
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
 from fedtrain.transport.codecs import get_codec
 
-__all__ = ["FORMAT_VERSION", "Payload", "PayloadError", "decode_payload", "encode_payload"]
+__all__ = [
+    "FORMAT_VERSION",
+    "Payload",
+    "PayloadError",
+    "SignatureError",
+    "decode_payload",
+    "encode_payload",
+    "read_header",
+]
 
 MAGIC = b"FTP1"
 FORMAT_VERSION = 1
+SIGNATURE_BYTES = 64
 _MAX_HEADER = 64 << 20
 
 
 class PayloadError(ValueError):
     """A payload is malformed, truncated, corrupted or inconsistent; the message says which."""
+
+
+class SignatureError(PayloadError):
+    """A payload's signature is missing, from another key, or does not match its bytes."""
 
 
 @dataclass(slots=True)
@@ -46,8 +64,19 @@ class Payload:
     """Codec of the body."""
     tensors: dict[str, torch.Tensor]
     """Decoded tensors by parameter name."""
+    fragment: int | None = None
+    """Fragment id (Streaming DiLoCo), or None for the whole model."""
+    block_size: int = 64
+    """Codec block size."""
+    signed: bool = False
+    """Whether the payload carried a signature (verified if a key was given)."""
     meta: dict[str, Any] = field(default_factory=dict)
-    """Small JSON metadata (tokens, loss, steps ...)."""
+    """Small JSON metadata (tokens, loss, steps, acknowledgements ...)."""
+
+    @property
+    def numel(self) -> int:
+        """Number of values carried."""
+        return sum(t.numel() for t in self.tensors.values())
 
 
 def encode_payload(
@@ -59,11 +88,16 @@ def encode_payload(
     round: int,
     sender: str,
     meta: dict[str, Any] | None = None,
+    block_size: int = 64,
+    stochastic: bool = False,
+    generator: torch.Generator | None = None,
+    fragment: int | None = None,
+    signing_key: Ed25519PrivateKey | None = None,
 ) -> bytes:
-    """Serialise ``tensors`` through ``codec`` into one framed payload."""
-    c = get_codec(codec)
+    """Serialise ``tensors`` through ``codec`` into one framed (optionally signed) payload."""
+    c = get_codec(codec, block_size=block_size, stochastic=stochastic, generator=generator)
     names = sorted(tensors)
-    bodies = [c.encode(tensors[n].detach().reshape(-1).float()) for n in names]
+    bodies = [c.encode(tensors[n].detach().reshape(-1)) for n in names]
     body = b"".join(bodies)
     header = {
         "format": FORMAT_VERSION,
@@ -71,20 +105,28 @@ def encode_payload(
         "run_id": run_id,
         "round": round,
         "sender": sender,
+        "fragment": fragment,
         "codec": codec,
+        "block_size": block_size,
         "names": names,
         "shapes": [list(tensors[n].shape) for n in names],
         "dtypes": [str(tensors[n].dtype).removeprefix("torch.") for n in names],
+        "numels": [tensors[n].numel() for n in names],
         "sizes": [len(b) for b in bodies],
         "body_bytes": len(body),
         "body_sha256": hashlib.sha256(body).hexdigest(),
+        "signed": signing_key is not None,
         "meta": meta or {},
     }
     head = json.dumps(header, separators=(",", ":"), sort_keys=True).encode("utf-8")
-    return MAGIC + struct.pack(">I", len(head)) + head + body
+    framed = MAGIC + struct.pack(">I", len(head)) + head + body
+    if signing_key is not None:
+        framed += signing_key.sign(framed)
+    return framed
 
 
-def _header(data: bytes | memoryview) -> tuple[dict[str, Any], int]:
+def read_header(data: bytes | memoryview) -> tuple[dict[str, Any], int]:
+    """The parsed header and the offset where the body starts (no body checks)."""
     if len(data) < 8 or bytes(data[:4]) != MAGIC:
         raise PayloadError("not a fedtrain payload (bad magic or shorter than 8 bytes)")
     (hlen,) = struct.unpack(">I", bytes(data[4:8]))
@@ -94,49 +136,77 @@ def _header(data: bytes | memoryview) -> tuple[dict[str, Any], int]:
         header = json.loads(bytes(data[8 : 8 + hlen]).decode("utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
         raise PayloadError(f"corrupted header: {e}") from None
-    if not isinstance(header, dict) or header.get("format") != FORMAT_VERSION:
-        raise PayloadError(
-            f"unsupported payload format {header.get('format')!r}"
-            if isinstance(header, dict)
-            else "header is not an object"
-        )
+    if not isinstance(header, dict):
+        raise PayloadError("corrupted header: not a JSON object")
+    if header.get("format") != FORMAT_VERSION:
+        raise PayloadError(f"unsupported payload format {header.get('format')!r}")
     return header, 8 + hlen
 
 
-def decode_payload(data: bytes | memoryview) -> Payload:
-    """Verify and decode a payload made by :func:`encode_payload`."""
-    header, start = _header(data)
+def decode_payload(
+    data: bytes | memoryview, *, public_key: Ed25519PublicKey | None = None
+) -> Payload:
+    """Verify and decode a payload made by :func:`encode_payload`.
+
+    With ``public_key``, the payload must be signed by the matching private key.
+    """
+    header, start = read_header(data)
     try:
-        names, shapes, sizes = header["names"], header["shapes"], header["sizes"]
-        codec = get_codec(header["codec"])
-        body_bytes, digest = int(header["body_bytes"]), header["body_sha256"]
+        names, shapes, sizes = list(header["names"]), list(header["shapes"]), header["sizes"]
+        numels = list(header["numels"])
+        block = int(header["block_size"])
+        codec = get_codec(str(header["codec"]), block_size=block)
+        body_bytes, digest = int(header["body_bytes"]), str(header["body_sha256"])
+        signed = bool(header["signed"])
+        run_id, rnd, sender = str(header["run_id"]), int(header["round"]), str(header["sender"])
+        fragment = header["fragment"] if header["fragment"] is None else int(header["fragment"])
     except (KeyError, TypeError, ValueError) as e:
         raise PayloadError(f"header missing or invalid field: {e}") from None
-    body = memoryview(data)[start:]
-    if len(body) != body_bytes:
+    tail = SIGNATURE_BYTES if signed else 0
+    if len(data) != start + body_bytes + tail:
         raise PayloadError(
-            f"body is {len(body)} bytes but the header says {body_bytes} (truncated or padded)"
+            f"payload is {len(data)} bytes but the header says {start + body_bytes + tail} "
+            "(truncated or padded)"
         )
+    if public_key is not None:
+        if not signed:
+            raise SignatureError(f"unsigned payload from {sender!r}; signatures are required")
+        end = start + body_bytes
+        try:
+            public_key.verify(bytes(data[end:]), bytes(data[:end]))
+        except InvalidSignature:
+            raise SignatureError(
+                f"signature does not verify for {sender!r} (another key, or modified)"
+            ) from None
+    body = memoryview(data)[start : start + body_bytes]
     if hashlib.sha256(body).hexdigest() != digest:
         raise PayloadError("body checksum mismatch (corrupted in transit or tampered)")
-    if not (len(names) == len(shapes) == len(sizes)) or sum(sizes) != body_bytes:
+    n = len(names)
+    if not (len(shapes) == len(sizes) == len(numels) == n) or sum(sizes) != body_bytes:
         raise PayloadError("header tensor lists are inconsistent with the body size")
     tensors: dict[str, torch.Tensor] = {}
     offset = 0
-    for name, shape, size in zip(names, shapes, sizes, strict=True):
-        numel = math.prod(shape)
+    for name, shape, numel, size in zip(names, shapes, numels, sizes, strict=True):
+        if not all(isinstance(d, int) and d >= 0 for d in shape) or math.prod(shape) != numel:
+            raise PayloadError(f"tensor {name!r}: shape {shape} does not hold {numel} values")
         if codec.encoded_size(numel) != size:
             raise PayloadError(
                 f"tensor {name!r}: {size} bytes do not hold {numel} values in codec {codec.name}"
             )
         tensors[name] = codec.decode(body[offset : offset + size], numel).reshape(shape)
         offset += size
+    meta = header.get("meta") or {}
+    if not isinstance(meta, dict):
+        raise PayloadError("header meta is not an object")
     return Payload(
         kind=str(header["kind"]),
-        run_id=str(header["run_id"]),
-        round=int(header["round"]),
-        sender=str(header["sender"]),
+        run_id=run_id,
+        round=rnd,
+        sender=sender,
         codec=codec.name,
         tensors=tensors,
-        meta=dict(header.get("meta") or {}),
+        fragment=fragment,
+        block_size=block,
+        signed=signed,
+        meta=meta,
     )

@@ -54,6 +54,10 @@ class ScriptedEngine:
                 data = data[:-1] + bytes([data[-1] ^ 1])
             yield Reply(silo=silo, payload=data, arrival_s=self.arrivals[silo])
 
+    def finish(self, downlink):
+        self.received_downlinks.append(downlink)
+        return len(downlink or b"") * len(self.silos)
+
     def close_round(self, duration_s):
         self.now += duration_s
 

@@ -1,0 +1,133 @@
+"""One silo's protocol side: apply the coordinator's broadcast, do the work, encode the reply.
+
+The worker wraps a :class:`SiloTrainer` with what crosses the wire: the codec settings, the
+uplink error-feedback residual (advanced only when the coordinator acknowledges the update) and
+the silo's Ed25519 signing key. Every engine (in-process simulation, Flower deployment) drives
+silos through this class, so the silo-side protocol exists once.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+from fedtrain.client.trainer import SiloTrainer, StepStats
+from fedtrain.config import TransportSection
+from fedtrain.data.stream import derive_seed
+from fedtrain.strategies.base import Work
+from fedtrain.transport.feedback import ErrorFeedback
+from fedtrain.transport.payload import Payload, decode_payload, encode_payload
+
+__all__ = ["SiloWorker", "WorkResult"]
+
+
+@dataclass(slots=True)
+class WorkResult:
+    payload: bytes
+    """The encoded (and signed, if configured) reply."""
+    stats: StepStats
+    """What the silo computed."""
+    values: int
+    """Number of values carried (for compression ratios)."""
+
+
+class SiloWorker:
+    """A silo's side of a round: downlink in, work done, reply out."""
+
+    def __init__(
+        self,
+        trainer: SiloTrainer,
+        *,
+        run_id: str,
+        transport: TransportSection,
+        seed: int,
+        signing_key: Ed25519PrivateKey | None = None,
+    ) -> None:
+        self.trainer = trainer
+        self.name = trainer.name
+        self.run_id = run_id
+        self.transport = transport
+        self.seed = seed
+        self.signing_key = signing_key
+        self.feedback = ErrorFeedback() if transport.error_feedback else None
+        self.last_downlink: Payload | None = None
+
+    def receive(self, downlink: bytes | None, coordinator_key: Any = None) -> None:
+        """Apply the last outer update and settle the error-feedback residual.
+
+        The downlink's ``accepted`` list is the acknowledgement: the residual staged with this
+        silo's last update becomes current only if the coordinator counted that update.
+        """
+        if downlink is None:
+            if self.feedback is not None:
+                self.feedback.discard()
+            return
+        update = decode_payload(downlink, public_key=coordinator_key)
+        if self.feedback is not None:
+            if self.name in update.meta.get("accepted", []):
+                self.feedback.commit()
+            else:
+                self.feedback.discard()
+        self.trainer.apply_global_update(update.tensors)
+        self.last_downlink = update
+
+    def work(
+        self, round: int, work: Work, on_step: Callable[[int], None] | None = None
+    ) -> WorkResult:
+        """Run ``work`` and return the encoded reply."""
+        if work.kind == "train":
+            stats = self.trainer.train(work.steps, on_step)
+            tensors = self.trainer.pseudo_gradient(work.names)
+            kind = "pseudo_grad"
+        elif work.kind == "grad":
+            tensors, stats = self.trainer.gradient()
+            if on_step is not None:
+                on_step(1)
+            kind = "grad"
+        else:
+            raise ValueError(f"silo {self.name} cannot run work of kind {work.kind!r}")
+        meta = {
+            "tokens": stats.tokens,
+            "train_loss": stats.mean_loss,
+            "steps": stats.steps,
+            "silo_step": self.trainer.step,
+        }
+        payload = self._encode(tensors, kind, round, meta)
+        return WorkResult(
+            payload=payload, stats=stats, values=sum(t.numel() for t in tensors.values())
+        )
+
+    def _encode(
+        self, tensors: dict[str, torch.Tensor], kind: str, round: int, meta: dict[str, Any]
+    ) -> bytes:
+        t = self.transport
+        gen = torch.Generator().manual_seed(derive_seed(self.seed, "sr", self.name, round))
+        send = self.feedback.compensate(tensors) if self.feedback is not None else tensors
+        payload = encode_payload(
+            send,
+            codec=t.codec,
+            kind=kind,
+            run_id=self.run_id,
+            round=round,
+            sender=self.name,
+            meta=meta,
+            block_size=t.block_size,
+            stochastic=t.stochastic_rounding,
+            generator=gen,
+            signing_key=self.signing_key,
+        )
+        if self.feedback is not None:
+            self.feedback.stage(send, decode_payload(payload).tensors)
+        return payload
+
+    def state_tensors(self) -> dict[str, dict[str, torch.Tensor]]:
+        """Silo state that must survive a restart: error-feedback residuals (trainer separate)."""
+        return {"feedback": self.feedback.state_dict() if self.feedback is not None else {}}
+
+    def load_state_tensors(self, parts: dict[str, dict[str, torch.Tensor]]) -> None:
+        if self.feedback is not None:
+            self.feedback.load_state_dict(parts.get("feedback", {}))

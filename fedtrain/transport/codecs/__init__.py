@@ -1,0 +1,38 @@
+"""Codec registry: a new codec is one file plus one line here."""
+
+from __future__ import annotations
+
+import torch
+
+from fedtrain.transport.codecs.base import Codec
+from fedtrain.transport.codecs.bf16 import Bf16Codec
+from fedtrain.transport.codecs.fp4 import Fp4Codec
+from fedtrain.transport.codecs.fp32 import Fp32Codec
+from fedtrain.transport.codecs.int4 import Int4Codec
+from fedtrain.transport.codecs.int8 import Int8Codec
+from fedtrain.transport.codecs.sign1 import Sign1Codec
+
+__all__ = ["CODECS", "Codec", "get_codec"]
+
+CODECS: dict[str, type[Codec]] = {
+    "fp32": Fp32Codec,
+    "bf16": Bf16Codec,
+    "int8": Int8Codec,
+    "int4": Int4Codec,
+    "fp4-e2m1": Fp4Codec,
+    "sign1": Sign1Codec,
+}
+
+
+def get_codec(
+    name: str,
+    block_size: int = 64,
+    stochastic: bool = False,
+    generator: torch.Generator | None = None,
+) -> Codec:
+    """Instantiate the codec registered as ``name``."""
+    try:
+        cls = CODECS[name]
+    except KeyError:
+        raise ValueError(f"unknown codec {name!r}; available: {sorted(CODECS)}") from None
+    return cls(block_size=block_size, stochastic=stochastic, generator=generator)

@@ -1,0 +1,26 @@
+"""bfloat16 (round to nearest even; 2 bytes per value)."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from fedtrain.transport.codecs.base import Codec, bf16_bits_to_float
+
+__all__ = ["Bf16Codec"]
+
+
+class Bf16Codec(Codec):
+    name = "bf16"
+    bits_per_value = 16.0
+
+    def encoded_size(self, numel: int) -> int:
+        return 2 * numel
+
+    def encode(self, flat: torch.Tensor) -> bytes:
+        b = flat.detach().reshape(-1).to(torch.bfloat16).contiguous().view(torch.int16)
+        return b.numpy().astype("<i2", copy=False).tobytes()
+
+    def decode(self, data: bytes | memoryview, numel: int) -> torch.Tensor:
+        bits = np.frombuffer(data, dtype="<u2", count=numel).astype(np.int32)
+        return bf16_bits_to_float(torch.from_numpy(bits)).clone()

@@ -1,0 +1,35 @@
+"""Blockwise absmax int4: q = round(7·x/a) in [−7, 7], two values per byte, |x − x̂| ≤ a/14."""
+
+from __future__ import annotations
+
+import torch
+
+from fedtrain.transport.codecs.base import (
+    BlockCodec,
+    bf16_bits_to_float,
+    ceil_to_bf16_bits,
+    pack_nibbles,
+    unpack_nibbles,
+)
+
+__all__ = ["Int4Codec"]
+
+
+class Int4Codec(BlockCodec):
+    name = "int4"
+    bits_per_value = 4.0
+
+    def encode(self, flat: torch.Tensor) -> bytes:
+        x = self._blocks(flat)
+        bits = ceil_to_bf16_bits(x.abs().amax(dim=1))
+        scale = bf16_bits_to_float(bits)
+        safe = torch.where(scale > 0, scale, torch.ones_like(scale))
+        q = self._round(x * (7.0 / safe)[:, None]).clamp_(-7, 7)
+        codes = (q.reshape(-1)[: flat.numel()] + 8).to(torch.uint8)  # 1..15; 0 unused
+        return self._scale_bytes(bits) + pack_nibbles(codes)
+
+    def decode(self, data: bytes | memoryview, numel: int) -> torch.Tensor:
+        scale, rest = self._split(data, numel)
+        q = unpack_nibbles(rest, numel).to(torch.float32) - 8.0
+        per_value = torch.repeat_interleave(scale / 7.0, self.block_size)[:numel]
+        return q * per_value
