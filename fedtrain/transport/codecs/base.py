@@ -9,6 +9,7 @@ one scale per block as bf16 and the values packed; the body of ``n`` values is e
 from __future__ import annotations
 
 import math
+import warnings
 from abc import ABC, abstractmethod
 
 import numpy as np
@@ -19,6 +20,7 @@ __all__ = [
     "Codec",
     "bf16_bits_to_float",
     "ceil_to_bf16_bits",
+    "readonly_tensor",
     "pack_bits",
     "pack_nibbles",
     "unpack_bits",
@@ -78,21 +80,33 @@ def bf16_bits_to_float(bits: torch.Tensor) -> torch.Tensor:
     return (bits.to(torch.int64) << 16).to(torch.int32).view(torch.float32)
 
 
+def readonly_tensor(data: bytes | memoryview, dtype: torch.dtype, count: int) -> torch.Tensor:
+    """A tensor viewing ``count`` values of ``data`` without copying; callers only read it."""
+    if count == 0:
+        return torch.empty(0, dtype=dtype)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # "non-writable buffer": we never write
+        return torch.frombuffer(data, dtype=dtype, count=count)
+
+
 def pack_nibbles(q: torch.Tensor) -> bytes:
     """Pack 4-bit codes (uint8 values in [0, 15]) two per byte, low nibble first."""
-    arr = q.to(torch.uint8).numpy()
-    if arr.size % 2:
-        arr = np.concatenate([arr, np.zeros(1, np.uint8)])
-    return (arr[0::2] | (arr[1::2] << 4)).astype(np.uint8).tobytes()
+    codes = q.to(torch.uint8)
+    if codes.numel() % 2:
+        codes = torch.cat([codes, codes.new_zeros(1)])
+    pairs = codes.view(-1, 2)
+    packed = pairs[:, 1].bitwise_left_shift(4).bitwise_or_(pairs[:, 0])
+    return packed.numpy().tobytes()
 
 
 def unpack_nibbles(data: bytes | memoryview, numel: int) -> torch.Tensor:
-    """Inverse of :func:`pack_nibbles` (int64 codes)."""
-    arr = np.frombuffer(data, dtype=np.uint8)
-    out = np.empty(arr.size * 2, dtype=np.uint8)
-    out[0::2] = arr & 0x0F
-    out[1::2] = arr >> 4
-    return torch.from_numpy(out[:numel].astype(np.int64))
+    """Inverse of :func:`pack_nibbles` (uint8 codes)."""
+    arr = readonly_tensor(data, torch.uint8, len(data))
+    out = torch.empty(arr.numel() * 2, dtype=torch.uint8)
+    pairs = out.view(-1, 2)
+    torch.bitwise_and(arr, 0x0F, out=pairs[:, 0])
+    torch.bitwise_right_shift(arr, 4, out=pairs[:, 1])
+    return out[:numel]
 
 
 def pack_bits(bits: torch.Tensor) -> bytes:
@@ -119,12 +133,28 @@ class BlockCodec(Codec):
         return 2 * self._n_blocks(numel) + self._value_bytes(numel)
 
     def _blocks(self, flat: torch.Tensor) -> torch.Tensor:
-        """``(n_blocks, block_size)`` fp32 view of ``flat`` padded with zeros."""
+        """``(n_blocks, block_size)`` fp32 view of ``flat`` padded with zeros (no copy if full)."""
         x = flat.detach().reshape(-1).to(torch.float32)
         pad = self._n_blocks(x.numel()) * self.block_size - x.numel()
         if pad:
             x = torch.cat([x, x.new_zeros(pad)])
         return x.view(-1, self.block_size)
+
+    @staticmethod
+    def _absmax(x: torch.Tensor) -> torch.Tensor:
+        """Per-row max |x| in one pass (no |x| temporary)."""
+        lo, hi = torch.aminmax(x, dim=1)
+        return torch.maximum(lo.neg_(), hi)
+
+    def _scale_(self, values: torch.Tensor, per_block: torch.Tensor) -> torch.Tensor:
+        """Multiply flat ``values`` in place by their block's factor (no per-value expansion)."""
+        n, b = values.numel(), self.block_size
+        full = n // b
+        if full:
+            values[: full * b].view(full, b).mul_(per_block[:full, None])
+        if n % b:
+            values[full * b :].mul_(per_block[full])
+        return values
 
     def _split(self, data: bytes | memoryview, numel: int) -> tuple[torch.Tensor, memoryview]:
         """Stored scales (fp32, one per block) and the packed value bytes."""

@@ -19,7 +19,11 @@ from fedtrain.transport.codecs.base import (
 __all__ = ["E2M1_GRID", "Fp4Codec"]
 
 E2M1_GRID = torch.tensor([0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0])
-_MIDPOINTS = (E2M1_GRID[1:] + E2M1_GRID[:-1]) / 2
+# Nearest grid index by quarter-step region: every midpoint between grid values (0.25, 0.75,
+# 1.25, 1.75, 2.5, 3.5, 5) is a multiple of 0.25, so floor(4v) decides the nearest value.
+_NEAREST_BY_QUARTER = torch.tensor(
+    [0, 1, 1, 2, 2, 3, 3, 4, 4, 4, 5, 5, 5, 5, 6, 6, 6, 6, 6, 6, 7, 7, 7, 7, 7], dtype=torch.uint8
+)
 
 
 class Fp4Codec(BlockCodec):
@@ -27,28 +31,25 @@ class Fp4Codec(BlockCodec):
     bits_per_value = 4.0
 
     def encode(self, flat: torch.Tensor) -> bytes:
+        n = flat.numel()
         x = self._blocks(flat)
-        bits = ceil_to_bf16_bits(x.abs().amax(dim=1) / 6.0)  # stored scale s >= a/6
+        bits = ceil_to_bf16_bits(self._absmax(x) / 6.0)  # stored scale s >= a/6
         scale = bf16_bits_to_float(bits)
-        safe = torch.where(scale > 0, scale, torch.ones_like(scale))
-        v = (x.abs() / safe[:, None]).clamp_(max=6.0).reshape(-1)[: flat.numel()]
+        inv = torch.where(scale > 0, 1.0 / scale, torch.zeros_like(scale))
+        xs = x.view(-1)[:n]
+        v = (x * inv[:, None]).view(-1)[:n].abs_().clamp_(max=6.0)
         if self.stochastic:
-            hi = torch.bucketize(v, E2M1_GRID, right=False).clamp_(
-                1, 7
-            )  # grid[hi-1] < v <= grid[hi]
+            hi = torch.bucketize(v, E2M1_GRID).clamp_(1, 7)  # grid[hi-1] < v <= grid[hi]
             lo_v, hi_v = E2M1_GRID[hi - 1], E2M1_GRID[hi]
-            p_up = (v - lo_v) / (hi_v - lo_v)
-            up = torch.rand(v.shape, generator=self.generator) < p_up
-            idx = torch.where(up, hi, hi - 1)
+            up = torch.rand(v.shape, generator=self.generator) < (v - lo_v) / (hi_v - lo_v)
+            idx = torch.where(up, hi, hi - 1).to(torch.uint8)
         else:
-            idx = torch.bucketize(v, _MIDPOINTS)  # nearest grid point
-        sign = (x.reshape(-1)[: flat.numel()] < 0).to(torch.int64)
-        codes = (idx | (sign << 3)).to(torch.uint8)
+            idx = _NEAREST_BY_QUARTER[v.mul_(4.0).to(torch.int32)]
+        codes = idx.bitwise_or_((xs < 0).to(torch.uint8).bitwise_left_shift_(3))
         return self._scale_bytes(bits) + pack_nibbles(codes)
 
     def decode(self, data: bytes | memoryview, numel: int) -> torch.Tensor:
         scale, rest = self._split(data, numel)
         codes = unpack_nibbles(rest, numel)
-        mag = E2M1_GRID[codes & 7]
-        signed = torch.where((codes & 8) > 0, -mag, mag)
-        return signed * torch.repeat_interleave(scale, self.block_size)[:numel]
+        signed = torch.cat([E2M1_GRID, -E2M1_GRID])  # code = index | sign << 3
+        return self._scale_(signed[codes.to(torch.int32)], scale)

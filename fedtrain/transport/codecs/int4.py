@@ -21,15 +21,13 @@ class Int4Codec(BlockCodec):
 
     def encode(self, flat: torch.Tensor) -> bytes:
         x = self._blocks(flat)
-        bits = ceil_to_bf16_bits(x.abs().amax(dim=1))
+        bits = ceil_to_bf16_bits(self._absmax(x))
         scale = bf16_bits_to_float(bits)
-        safe = torch.where(scale > 0, scale, torch.ones_like(scale))
-        q = self._round(x * (7.0 / safe)[:, None]).clamp_(-7, 7)
-        codes = (q.reshape(-1)[: flat.numel()] + 8).to(torch.uint8)  # 1..15; 0 unused
-        return self._scale_bytes(bits) + pack_nibbles(codes)
+        inv = torch.where(scale > 0, 7.0 / scale, torch.zeros_like(scale))
+        q = self._round(x * inv[:, None]).clamp_(-7, 7).add_(8)  # codes 1..15; 0 unused
+        return self._scale_bytes(bits) + pack_nibbles(q.view(-1)[: flat.numel()])
 
     def decode(self, data: bytes | memoryview, numel: int) -> torch.Tensor:
         scale, rest = self._split(data, numel)
-        q = unpack_nibbles(rest, numel).to(torch.float32) - 8.0
-        per_value = torch.repeat_interleave(scale / 7.0, self.block_size)[:numel]
-        return q * per_value
+        q = unpack_nibbles(rest, numel).to(torch.float32).sub_(8.0)
+        return self._scale_(q, scale / 7.0)

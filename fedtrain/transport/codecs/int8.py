@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
-import numpy as np
 import torch
 
-from fedtrain.transport.codecs.base import BlockCodec, bf16_bits_to_float, ceil_to_bf16_bits
+from fedtrain.transport.codecs.base import (
+    BlockCodec,
+    bf16_bits_to_float,
+    ceil_to_bf16_bits,
+    readonly_tensor,
+)
 
 __all__ = ["Int8Codec"]
 
@@ -16,15 +20,14 @@ class Int8Codec(BlockCodec):
 
     def encode(self, flat: torch.Tensor) -> bytes:
         x = self._blocks(flat)
-        bits = ceil_to_bf16_bits(x.abs().amax(dim=1))
+        bits = ceil_to_bf16_bits(self._absmax(x))
         scale = bf16_bits_to_float(bits)
-        safe = torch.where(scale > 0, scale, torch.ones_like(scale))
-        q = self._round(x * (127.0 / safe)[:, None]).clamp_(-127, 127)
-        values = q.reshape(-1)[: flat.numel()].to(torch.int8).numpy().tobytes()
+        inv = torch.where(scale > 0, 127.0 / scale, torch.zeros_like(scale))
+        q = self._round(x * inv[:, None]).clamp_(-127, 127)
+        values = q.view(-1)[: flat.numel()].to(torch.int8).numpy().tobytes()
         return self._scale_bytes(bits) + values
 
     def decode(self, data: bytes | memoryview, numel: int) -> torch.Tensor:
         scale, rest = self._split(data, numel)
-        q = torch.from_numpy(np.frombuffer(rest, dtype=np.int8, count=numel).astype(np.float32))
-        per_value = torch.repeat_interleave(scale / 127.0, self.block_size)[:numel]
-        return q * per_value
+        q = readonly_tensor(rest, torch.int8, numel).to(torch.float32)
+        return self._scale_(q, scale / 127.0)
