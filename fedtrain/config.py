@@ -258,17 +258,20 @@ class TransportSection:
 @dataclass(kw_only=True, slots=True)
 class StorageSection:
     url: str = ""
-    """Where checkpoints go: a local directory or file:// URL; empty = the run directory."""
+    """Blob store URL (any fsspec filesystem: file://, memory://, s3:// ...); empty = run dir."""
     checkpoint_every: int = 1
-    """Commit a checkpoint every N rounds (the final round is always checkpointed)."""
+    """In simulation, also store every silo's state every N rounds (resume restarts there)."""
     keep_checkpoints: int = 2
-    """How many round checkpoints to keep (older ones are deleted)."""
+    """How many committed rounds keep their full state (older state blobs are deleted)."""
 
     def __post_init__(self) -> None:
+        import fsspec
+
+        protocol = self.url.split("://", 1)[0] if "://" in self.url else "file"
         _check(
-            self.url == "" or self.url.startswith("file://") or "://" not in self.url,
+            protocol in fsspec.available_protocols(),
             "storage.url",
-            "empty, a local directory or a file:// URL",
+            "empty, a local path or an fsspec URL (file://, memory://, s3:// ...)",
             self.url,
         )
         _check(

@@ -17,6 +17,7 @@ import contextlib
 import copy
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -24,6 +25,7 @@ from fedtrain.client.optim import lr_at, make_adamw
 from fedtrain.config import TrainSection
 from fedtrain.data.stream import TokenStream
 from fedtrain.models.llama import Llama
+from fedtrain.strategies.base import optimizer_from_tensors, optimizer_to_tensors
 
 __all__ = ["SiloTrainer", "StepStats"]
 
@@ -145,6 +147,26 @@ class SiloTrainer:
         for n, p in self.params.items():
             self.anchor[n].copy_(weights[n])
             p.copy_(weights[n])
+
+    def state_tensors(self) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+        """Everything needed to continue bitwise: local and anchor weights, AdamW state, step.
+
+        The data position is the step counter (batches are a pure function of it).
+        """
+        opt, opt_meta = optimizer_to_tensors(self.optimizer, self.params)
+        tensors = {f"local.{n}": p.detach() for n, p in self.params.items()}
+        tensors.update({f"anchor.{n}": a for n, a in self.anchor.items()})
+        tensors.update({f"opt.{k}": v for k, v in opt.items()})
+        return tensors, {"step": self.step, "opt": opt_meta}
+
+    @torch.no_grad()
+    def load_state_tensors(self, tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> None:
+        for n, p in self.params.items():
+            p.copy_(tensors[f"local.{n}"])
+            self.anchor[n].copy_(tensors[f"anchor.{n}"])
+        opt = {k.removeprefix("opt."): v for k, v in tensors.items() if k.startswith("opt.")}
+        optimizer_from_tensors(self.optimizer, self.params, opt, meta["opt"])
+        self.step = int(meta["step"])
 
     def fresh_copy(self) -> SiloTrainer:
         """A trainer at the same global start with a fresh inner optimizer (coded shard work)."""

@@ -124,10 +124,24 @@ class SiloWorker:
             self.feedback.stage(send, decode_payload(payload).tensors)
         return payload
 
-    def state_tensors(self) -> dict[str, dict[str, torch.Tensor]]:
-        """Silo state that must survive a restart: error-feedback residuals (trainer separate)."""
-        return {"feedback": self.feedback.state_dict() if self.feedback is not None else {}}
-
-    def load_state_tensors(self, parts: dict[str, dict[str, torch.Tensor]]) -> None:
+    def state_tensors(self) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+        """The silo's whole state: trainer, plus error feedback (committed and awaiting ack)."""
+        tensors, meta = self.trainer.state_tensors()
         if self.feedback is not None:
-            self.feedback.load_state_dict(parts.get("feedback", {}))
+            tensors.update({f"ef.{n}": t for n, t in self.feedback.residual.items()})
+            pending = self.feedback.pending
+            if pending is not None:
+                tensors.update({f"efp.{n}": t for n, t in pending.items()})
+            meta["ef_pending"] = pending is not None
+        return tensors, meta
+
+    def load_state_tensors(self, tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> None:
+        self.trainer.load_state_tensors(tensors, meta)
+        if self.feedback is not None:
+            self.feedback.load_state_dict(
+                {k[3:]: v for k, v in tensors.items() if k.startswith("ef.")}
+            )
+            if meta.get("ef_pending"):
+                self.feedback.set_pending(
+                    {k[4:]: v for k, v in tensors.items() if k.startswith("efp.")}
+                )

@@ -29,7 +29,7 @@ from fedtrain.server.aggregate import StreamingMean
 from fedtrain.server.closing import close_condition
 from fedtrain.server.engine import Engine
 from fedtrain.server.validate import UpdateRejected, validate_update
-from fedtrain.storage.rundir import RunDir
+from fedtrain.storage.runstore import RunStore, StoredState
 from fedtrain.strategies.base import Strategy, Work
 from fedtrain.transport.feedback import ErrorFeedback
 from fedtrain.transport.payload import PayloadError, decode_payload, encode_payload
@@ -63,7 +63,17 @@ class RunTotals:
     """Values carried by broadcast updates (per copy)."""
     payload_bytes_down: int = 0
     """Bytes of those broadcasts (per copy)."""
+    wall_s: float = 0.0
+    """Real seconds spent in rounds (summed over restarts)."""
     history: list[dict[str, Any]] = field(default_factory=list)
+
+    def to_json(self) -> dict[str, Any]:
+        """Counters (not the history) for the commit record."""
+        return {k: getattr(self, k) for k in self.__slots__ if k != "history"}  # type: ignore[attr-defined]
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any], history: list[dict[str, Any]]) -> RunTotals:
+        return cls(**data, history=history)
 
     def compression(self) -> dict[str, float | None]:
         """fp32 bytes of the values carried / bytes actually sent, per direction."""
@@ -83,7 +93,7 @@ class Coordinator:
         model: Llama,
         strategy: Strategy,
         engine: Engine,
-        run_dir: RunDir,
+        store: RunStore,
         eval_batch: torch.Tensor,
         on_round: Callable[[dict[str, Any]], None] | None = None,
         on_round_start: Callable[[int, int], None] | None = None,
@@ -95,7 +105,7 @@ class Coordinator:
         self.params = dict(model.named_parameters())
         self.strategy = strategy
         self.engine = engine
-        self.run_dir = run_dir
+        self.store = store
         self.eval_batch = eval_batch
         self.on_round = on_round
         self.on_round_start = on_round_start
@@ -105,6 +115,8 @@ class Coordinator:
             raise ValueError(f"transport.sign_updates is on but silos {missing} have no key")
         self.feedback = ErrorFeedback() if cfg.transport.error_feedback else None
         self.totals = RunTotals()
+        self._downlink: bytes | None = None
+        self._restored = False
 
     def evaluate(self) -> float:
         return evaluate_loss(
@@ -134,30 +146,52 @@ class Coordinator:
             generator=gen,
         )
 
+    # ------------------------------------------------------------------ resume
+    @torch.no_grad()
+    def restore(self, stored: StoredState) -> None:
+        """Continue from a committed round: weights, outer state, feedback, broadcast, totals."""
+        st = stored.state
+        weights, _ = self.store.get_tensors(st["global_blob"])
+        for n, p in self.params.items():
+            p.copy_(weights[n])
+        outer, meta = self.store.get_tensors(st["outer_blob"])
+        self.strategy.load_state_tensors(outer, meta)
+        if self.feedback is not None and "feedback_blob" in st:
+            residual, _ = self.store.get_tensors(st["feedback_blob"])
+            self.feedback.load_state_dict(residual)
+        self._downlink = self.store.blobs.get(st["downlink_blob"])
+        history = [r for r in self.store.index.metrics() if r["round"] <= stored.round]
+        self.totals = RunTotals.from_json(st["totals"], history)
+        self.engine.restore_state(self.store, {**st["engine"], "silos": st.get("silos", {})})
+        self._restored = True
+        self.store.event("resume", round=stored.round, tokens=self.totals.tokens)
+
     # --------------------------------------------------------------------- run
     def run(self) -> RunTotals:
         t = self.totals
         cfg = self.cfg
-        weights = {n: p.detach() for n, p in self.params.items()}
-        # Joining silos get full fp32 weights once; afterwards only encoded updates.
-        join_bytes = self.engine.join(self._encode(weights, "weights", 0, "fp32"))
-        self.run_dir.event("join", silos=self.engine.silos, bytes_down=join_bytes)
-        t.initial_eval_loss = self.evaluate()
-        self.run_dir.event("eval", round=0, eval_loss=t.initial_eval_loss)
-        log.info("initial eval loss %.4f", t.initial_eval_loss)
+        if not self._restored:
+            weights = {n: p.detach() for n, p in self.params.items()}
+            # Joining silos get full fp32 weights once; afterwards only encoded updates.
+            t.bytes_join = self.engine.join(self._encode(weights, "weights", 0, "fp32"))
+            self.store.event("join", silos=self.engine.silos, bytes_down=t.bytes_join)
+            t.initial_eval_loss = self.evaluate()
+            self.store.event("eval", round=0, eval_loss=t.initial_eval_loss)
+            log.info("initial eval loss %.4f", t.initial_eval_loss)
+            self._downlink = None
+        downlink: bytes | None = self._downlink
 
         total_steps = cfg.total_inner_steps()
         eval_every = cfg.run.eval_every_tokens or cfg.round_tokens()
-        next_eval = eval_every
-        t.bytes_join = join_bytes
-        downlink: bytes | None = None
-        start = time.perf_counter()
+        start, wall0 = time.perf_counter(), t.wall_s
         while t.steps < total_steps and (cfg.run.rounds == 0 or t.rounds < cfg.run.rounds):
             rnd = t.rounds + 1
+            self.store.start_round(rnd)
             work = self.strategy.plan(rnd, self.engine.silos, total_steps - t.steps)
             steps = max(w.steps for w in work.values())
             if self.on_round_start:
                 self.on_round_start(rnd, steps)
+            tokens_before = t.tokens
             result = self._round(rnd, work, downlink)
             t.steps += steps
             down = len(downlink) * len(work) if downlink else 0
@@ -167,7 +201,7 @@ class Coordinator:
             if result["mean"] is None:
                 t.rounds_failed += 1
                 downlink = None
-                self.run_dir.event(
+                self.store.event(
                     "round_failed", round=rnd, valid=result["valid"], min_silos=cfg.round.min_silos
                 )
                 log.warning(
@@ -181,11 +215,11 @@ class Coordinator:
             t.tokens += result["tokens"]
             last = t.steps >= total_steps or bool(cfg.run.rounds and rnd >= cfg.run.rounds)
             eval_loss = None
-            if t.tokens >= next_eval or last:
+            # Evaluate whenever the tokens cross a multiple of eval_every (and at the end).
+            if t.tokens // eval_every > tokens_before // eval_every or last:
                 eval_loss = self.evaluate()
                 t.final_eval_loss = eval_loss
-                while next_eval <= t.tokens:
-                    next_eval += eval_every
+            t.wall_s = round(wall0 + time.perf_counter() - start, 4)
             row = {
                 "round": rnd,
                 "step": t.steps,
@@ -194,7 +228,7 @@ class Coordinator:
                 "eval_loss": eval_loss,
                 "bytes_up": result["bytes_up"],
                 "bytes_down": down,
-                "wall_s": round(time.perf_counter() - start, 4),
+                "wall_s": t.wall_s,
                 "sim_time_s": self.engine.sim_time_s(),
                 "silos": result["valid"],
                 "stragglers": result["stragglers"],
@@ -204,13 +238,13 @@ class Coordinator:
                 "codec": cfg.transport.codec,
                 "compression_up": result["compression_up"],
             }
-            self._commit(rnd, row)
+            self._commit(rnd, row, downlink, last)
             t.history.append(row)
             if self.on_round:
                 self.on_round(row)
         final = self.engine.finish(downlink)
         t.bytes_down += final
-        self.run_dir.event("finish", bytes_down=final)
+        self.store.event("finish", bytes_down=final)
         return t
 
     def _round(self, rnd: int, work: dict[str, Work], downlink: bytes | None) -> dict[str, Any]:
@@ -228,39 +262,62 @@ class Coordinator:
             seen += 1
             size = len(reply.payload or b"")
             bytes_up += size
+            reason: str | None = None
             if reply.arrival_s > timeout:
                 stragglers += 1
-                self.run_dir.event(
+                reason = f"straggler: arrived at {reply.arrival_s:.3f}s > {timeout}s"
+                self.store.event(
                     "straggler",
                     round=rnd,
                     silo=reply.silo,
                     arrival_s=reply.arrival_s,
                     timeout_s=timeout,
                 )
-                continue
-            if reply.error is not None or reply.payload is None:
+            elif reply.error is not None or reply.payload is None:
                 rejected += 1
-                self.run_dir.event("failed", round=rnd, silo=reply.silo, reason=reply.error)
+                reason = f"silo failed: {reply.error}"
+                self.store.event("failed", round=rnd, silo=reply.silo, reason=reply.error)
                 log.warning("silo %s failed in round %d: %s", reply.silo, rnd, reply.error)
-                continue
-            try:
-                key = self.public_keys.get(reply.silo) if cfg.transport.sign_updates else None
-                payload = decode_payload(reply.payload, public_key=key)
-                validate_update(
-                    payload,
-                    run_id=self.run_id,
-                    round=rnd,
-                    silo=reply.silo,
-                    kind=self.strategy.reply_kind,
-                    params=self.params,
+            else:
+                try:
+                    key = self.public_keys.get(reply.silo) if cfg.transport.sign_updates else None
+                    payload = decode_payload(reply.payload, public_key=key)
+                    validate_update(
+                        payload,
+                        run_id=self.run_id,
+                        round=rnd,
+                        silo=reply.silo,
+                        kind=self.strategy.reply_kind,
+                        params=self.params,
+                    )
+                except (PayloadError, UpdateRejected) as e:
+                    rejected += 1
+                    reason = str(e)
+                    self.store.event("rejected", round=rnd, silo=reply.silo, reason=reason)
+                    log.warning("rejected update from %s in round %d: %s", reply.silo, rnd, e)
+            if reason is not None:
+                # Kept for debugging, marked invalid with the reason.
+                self.store.store_update(
+                    rnd,
+                    reply.silo,
+                    reply.payload,
+                    valid=False,
+                    reason=reason,
+                    codec=None,
+                    weight=None,
                 )
-            except (PayloadError, UpdateRejected) as e:
-                rejected += 1
-                self.run_dir.event("rejected", round=rnd, silo=reply.silo, reason=str(e))
-                log.warning("rejected update from %s in round %d: %s", reply.silo, rnd, e)
                 continue
             w = self.strategy.weight(payload.meta)
             agg.add(payload.tensors, w)
+            self.store.store_update(
+                rnd,
+                reply.silo,
+                reply.payload,
+                valid=True,
+                reason=None,
+                codec=payload.codec,
+                weight=w,
+            )
             valid += 1
             accepted.append(reply.silo)
             values += payload.numel
@@ -270,7 +327,7 @@ class Coordinator:
             loss_sum += float(payload.meta.get("train_loss", math.nan)) * n_tok
             loss_w += n_tok
             last_arrival = max(last_arrival, reply.arrival_s)
-            self.run_dir.event(
+            self.store.event(
                 "reply",
                 round=rnd,
                 silo=reply.silo,
@@ -329,24 +386,22 @@ class Coordinator:
         self.totals.payload_bytes_down += len(downlink)
         return downlink
 
-    def _commit(self, rnd: int, row: dict[str, Any]) -> None:
-        every = self.cfg.storage.checkpoint_every
-        last = self.totals.steps >= self.cfg.total_inner_steps()
-        if rnd % every == 0 or last:
-            outer, outer_meta = self.strategy.state_tensors()
-            parts = {"global": {n: p.detach() for n, p in self.params.items()}, "outer": outer}
-            if self.feedback is not None:
-                parts["feedback"] = self.feedback.state_dict()
-            self.run_dir.save_checkpoint(
-                f"round_{rnd:06d}",
-                parts,
-                {
-                    "round": rnd,
-                    "run_id": self.run_id,
-                    "steps": self.totals.steps,
-                    "tokens": self.totals.tokens,
-                    "outer": outer_meta,
-                },
-            )
-        self.run_dir.metric(row)
-        self.run_dir.event("commit", round=rnd, tokens=row["tokens"], eval_loss=row["eval_loss"])
+    def _commit(self, rnd: int, row: dict[str, Any], downlink: bytes, last: bool) -> None:
+        """Write the new state's blobs, then mark the round committed in one transaction."""
+        store = self.store
+        outer, outer_meta = self.strategy.state_tensors()
+        state: dict[str, Any] = {
+            "run_id": self.run_id,
+            "global_blob": store.put_tensors({n: p.detach() for n, p in self.params.items()}),
+            "outer_blob": store.put_tensors(outer, outer_meta),
+            "downlink_blob": store.blobs.put(downlink),
+            "totals": self.totals.to_json(),
+        }
+        if self.feedback is not None:
+            state["feedback_blob"] = store.put_tensors(self.feedback.state_dict())
+        full = last or rnd % self.cfg.storage.checkpoint_every == 0
+        state["engine"] = self.engine.save_state(store, full)
+        if "silos" in state["engine"]:
+            state["silos"] = state["engine"].pop("silos")
+            state["engine"]["has_silos"] = True
+        store.commit(rnd, state, row)

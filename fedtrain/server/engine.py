@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Any, Protocol
 
 from fedtrain.strategies.base import Work
 
@@ -40,6 +40,15 @@ class Engine(Protocol):
 
     def finish(self, downlink: bytes | None) -> int:
         """Deliver the last outer update to every silo; return bytes sent in total."""
+        ...
+
+    def save_state(self, store: Any, full: bool) -> dict[str, Any]:
+        """Engine facts for the commit record; with ``full``, also each silo's state as blobs
+        under ``"silos"`` (engines whose silos persist their own state return none)."""
+        ...
+
+    def restore_state(self, store: Any, state: dict[str, Any]) -> None:
+        """Inverse of :meth:`save_state` when resuming."""
         ...
 
     def sim_time_s(self) -> float | None:

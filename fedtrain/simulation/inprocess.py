@@ -12,6 +12,7 @@ import copy
 import logging
 import time
 from collections.abc import Callable, Iterator
+from typing import Any
 
 import torch
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
@@ -139,6 +140,28 @@ class InProcessEngine:
             worker.receive(downlink)
         self.clock.advance(max(t.down_time(len(downlink)) for t in self.timing.values()))
         return len(downlink) * len(self.workers)
+
+    def save_state(self, store: Any, full: bool) -> dict[str, Any]:
+        state: dict[str, Any] = {
+            "clock": self.clock.now,
+            "compute_s": dict(self.compute_s),
+            "measured_step_time_s": self.measured_step_time_s,
+        }
+        if full:
+            state["silos"] = {
+                name: store.put_tensors(*worker.state_tensors())
+                for name, worker in self.workers.items()
+            }
+        return state
+
+    def restore_state(self, store: Any, state: dict[str, Any]) -> None:
+        if set(state.get("silos") or {}) != set(self.workers):
+            raise ValueError("the checkpoint does not hold every silo's state")
+        self.clock.now = float(state["clock"])
+        self.compute_s = {k: float(v) for k, v in state["compute_s"].items()}
+        for name, blob in state["silos"].items():
+            tensors, meta = store.get_tensors(blob)
+            self.workers[name].load_state_tensors(tensors, meta)
 
     def close_round(self, duration_s: float) -> None:
         self.clock.advance(duration_s)

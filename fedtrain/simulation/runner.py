@@ -25,9 +25,18 @@ from fedtrain.simulation.inprocess import InProcessEngine
 from fedtrain.simulation.progress import RunProgress
 from fedtrain.storage.plots import plot_metrics
 from fedtrain.storage.rundir import RunDir
+from fedtrain.storage.runstore import RunStore
 from fedtrain.strategies import build_strategy
 
-__all__ = ["RunExists", "Simulation", "build_simulation", "expected_rounds", "simulate"]
+__all__ = [
+    "NoRunToResume",
+    "RunExists",
+    "load_run_config",
+    "Simulation",
+    "build_simulation",
+    "expected_rounds",
+    "simulate",
+]
 
 log = logging.getLogger(__name__)
 
@@ -57,6 +66,7 @@ class Simulation:
     cfg: Config
     run_dir: Path
     run: RunDir
+    store: RunStore
     run_id: str
     config_sha256: str
     data: PreparedData
@@ -72,27 +82,67 @@ class Simulation:
 
 
 def simulate(
-    cfg: Config, run_dir: Path, *, quiet: bool = False, step_time_s: float | None = None
+    cfg: Config,
+    run_dir: Path,
+    *,
+    quiet: bool = False,
+    step_time_s: float | None = None,
+    resume: bool = False,
 ) -> dict[str, Any]:
-    """Run ``cfg`` with the in-process engine; write the run directory; return the summary."""
-    return build_simulation(cfg, run_dir, quiet=quiet, step_time_s=step_time_s).execute()
+    """Run ``cfg`` with the in-process engine; write the run directory; return the summary.
+
+    With ``resume``, continue the run in ``run_dir`` from its last intact committed round.
+    """
+    return build_simulation(
+        cfg, run_dir, quiet=quiet, step_time_s=step_time_s, resume=resume
+    ).execute()
+
+
+def load_run_config(run_dir: Path) -> Config:
+    """The resolved config a run directory was started with."""
+    from fedtrain.config import load_config
+
+    if not (run_dir / "config.toml").exists():
+        raise NoRunToResume(f"{run_dir} holds no run (config.toml missing)")
+    return load_config(run_dir / "config.toml")
+
+
+class NoRunToResume(RuntimeError):
+    """``--resume`` was asked for a directory without a resumable run."""
 
 
 def build_simulation(
-    cfg: Config, run_dir: Path, *, quiet: bool = False, step_time_s: float | None = None
+    cfg: Config,
+    run_dir: Path,
+    *,
+    quiet: bool = False,
+    step_time_s: float | None = None,
+    resume: bool = False,
 ) -> Simulation:
     """Prepare data, model, strategy, engine and coordinator for ``cfg`` (no training yet)."""
-    if (run_dir / "metrics.jsonl").exists() or (run_dir / "summary.json").exists():
-        raise RunExists(f"{run_dir} already holds a run; choose another --run-dir")
-    started = time.perf_counter()
-    run = RunDir(run_dir, keep_checkpoints=cfg.storage.keep_checkpoints)
-    if cfg.storage.url:
-        run.checkpoints = Path(cfg.storage.url.removeprefix("file://"))
-        run.checkpoints.mkdir(parents=True, exist_ok=True)
     sha = config_sha256(cfg)
     run_id = f"{cfg.run.name}-{sha[:12]}"
-    _write_config(run, cfg)
-    run.event("run_start", run_id=run_id, config_sha256=sha, strategy=cfg.strategy.name)
+    if resume:
+        if (run_dir / "summary.json").exists():
+            raise RunExists(f"{run_dir}: the run already finished; nothing to resume")
+        if not (run_dir / "index.sqlite").exists():
+            raise NoRunToResume(f"{run_dir} has no run index to resume from")
+    elif any((run_dir / f).exists() for f in ("summary.json", "metrics.jsonl", "index.sqlite")):
+        raise RunExists(f"{run_dir} already holds a run; choose another --run-dir or --resume")
+    started = time.perf_counter()
+    store = RunStore(run_dir, url=cfg.storage.url, keep=cfg.storage.keep_checkpoints)
+    run = store.dir
+    stored = None
+    if resume:
+        if store.index.get_meta("config_sha256") != sha:
+            raise NoRunToResume(f"{run_dir}: config differs from the one the run started with")
+        stored = store.latest_state(require_silos=True)
+        step_time_s = stored.state["engine"].get("measured_step_time_s") or step_time_s
+    else:
+        _write_config(run, cfg)
+        store.index.set_meta("config_sha256", sha)
+        store.index.set_meta("run_id", run_id)
+        store.event("run_start", run_id=run_id, config_sha256=sha, strategy=cfg.strategy.name)
 
     threads = cfg.train.threads or os.cpu_count() or 1
     torch.set_num_threads(threads)
@@ -115,16 +165,20 @@ def build_simulation(
         model=model,
         strategy=strategy,
         engine=engine,
-        run_dir=run,
+        store=store,
         eval_batch=data.eval_batch,
         on_round=progress.round_done,
         on_round_start=progress.round_start,
         public_keys=engine.public_keys,
     )
+    if stored is not None:
+        coord.restore(stored)
+        store.rewind_to(stored.round)
     return Simulation(
         cfg=cfg,
         run_dir=run_dir,
         run=run,
+        store=store,
         run_id=run_id,
         config_sha256=sha,
         data=data,

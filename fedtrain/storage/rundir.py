@@ -1,4 +1,4 @@
-"""The run directory: config, metrics/events streams, summary and checkpoints.
+"""The run directory: config, metrics/events streams and summary (human-readable files).
 
 Every file that replaces an older version is written to a temporary name, fsynced and renamed,
 so a crash leaves either the old or the new file, never half of one. JSON-lines streams are
@@ -12,9 +12,6 @@ import os
 import time
 from pathlib import Path
 from typing import Any
-
-import torch
-from safetensors.torch import load_file, save_file
 
 __all__ = ["RunDir", "atomic_write_bytes"]
 
@@ -32,12 +29,10 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
 class RunDir:
     """Files of one run under ``root`` (layout in ARCHITECTURE.md, "The run directory")."""
 
-    def __init__(self, root: Path, keep_checkpoints: int = 2) -> None:
+    def __init__(self, root: Path) -> None:
         self.root = root
-        self.keep = keep_checkpoints
-        self.checkpoints = root / "checkpoints"
         self.plots = root / "plots"
-        for d in (root, self.checkpoints, self.plots):
+        for d in (root, self.plots):
             d.mkdir(parents=True, exist_ok=True)
         self.metrics_path = root / "metrics.jsonl"
         self.events_path = root / "events.jsonl"
@@ -66,38 +61,3 @@ class RunDir:
         if not path.exists():
             return []
         return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-
-    # ------------------------------------------------------------------ checkpoints
-    def save_checkpoint(
-        self, tag: str, parts: dict[str, dict[str, torch.Tensor]], meta: dict[str, Any]
-    ) -> Path:
-        """Commit a checkpoint: one safetensors file per part, then its JSON metadata last.
-
-        A checkpoint counts only once ``{tag}.json`` exists, so a crash mid-write leaves the
-        previous checkpoint in force. Older round checkpoints beyond ``keep`` are removed.
-        """
-        files = {}
-        for part, tensors in parts.items():
-            path = self.checkpoints / f"{tag}.{part}.safetensors"
-            tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-            save_file({k: v.detach().contiguous() for k, v in tensors.items()}, str(tmp))
-            os.replace(tmp, path)
-            files[part] = path.name
-        meta_path = self.checkpoints / f"{tag}.json"
-        atomic_write_bytes(meta_path, json.dumps({**meta, "files": files}, indent=2).encode())
-        self._retain()
-        return meta_path
-
-    def _retain(self) -> None:
-        rounds = sorted(self.checkpoints.glob("round_*.json"))
-        for old in rounds[: max(0, len(rounds) - self.keep)]:
-            for f in self.checkpoints.glob(old.stem + ".*"):
-                f.unlink(missing_ok=True)
-
-    def load_checkpoint(self, tag: str) -> tuple[dict[str, dict[str, torch.Tensor]], dict]:
-        """Parts and metadata of a committed checkpoint."""
-        meta = json.loads((self.checkpoints / f"{tag}.json").read_text())
-        parts = {
-            part: load_file(str(self.checkpoints / name)) for part, name in meta["files"].items()
-        }
-        return parts, meta

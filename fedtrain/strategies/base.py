@@ -65,10 +65,17 @@ class Strategy(ABC):
         """Restore what :meth:`state_tensors` returned."""
 
 
+def _ordered_names(opt: torch.optim.Optimizer, params: dict[str, torch.nn.Parameter]) -> list[str]:
+    """Parameter names in the optimizer's own index order (groups concatenated)."""
+    by_id = {id(p): n for n, p in params.items()}
+    return [by_id[id(p)] for g in opt.param_groups for p in g["params"]]
+
+
 def optimizer_to_tensors(
-    opt: torch.optim.Optimizer, names: list[str]
+    opt: torch.optim.Optimizer, params: dict[str, torch.nn.Parameter]
 ) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     """Flatten an optimizer's state to ``{"<param>::<key>": tensor}`` plus JSON metadata."""
+    names = _ordered_names(opt, params)
     sd = opt.state_dict()
     tensors: dict[str, torch.Tensor] = {}
     scalars: dict[str, Any] = {}
@@ -84,12 +91,12 @@ def optimizer_to_tensors(
 
 def optimizer_from_tensors(
     opt: torch.optim.Optimizer,
-    names: list[str],
+    params: dict[str, torch.nn.Parameter],
     tensors: dict[str, torch.Tensor],
     meta: dict[str, Any],
 ) -> None:
     """Inverse of :func:`optimizer_to_tensors`."""
-    index = {n: i for i, n in enumerate(names)}
+    index = {n: i for i, n in enumerate(_ordered_names(opt, params))}
     state: dict[int, dict[str, Any]] = {}
     for full, value in list(tensors.items()) + list(meta["scalars"].items()):
         pname, _, key = full.rpartition("::")
@@ -117,7 +124,7 @@ class OuterOptimizerStrategy(Strategy):
         self.optimizer.zero_grad(set_to_none=True)
 
     def state_tensors(self) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-        return optimizer_to_tensors(self.optimizer, list(self.params))
+        return optimizer_to_tensors(self.optimizer, self.params)
 
     def load_state_tensors(self, tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> None:
-        optimizer_from_tensors(self.optimizer, list(self.params), tensors, meta)
+        optimizer_from_tensors(self.optimizer, self.params, tensors, meta)

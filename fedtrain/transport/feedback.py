@@ -37,6 +37,15 @@ class ErrorFeedback:
     def has_pending(self) -> bool:
         return self._pending is not None
 
+    @property
+    def pending(self) -> dict[str, torch.Tensor] | None:
+        """The staged residual awaiting acknowledgement (saved with the sender's state)."""
+        return self._pending
+
+    def set_pending(self, pending: dict[str, torch.Tensor]) -> None:
+        """Restore a staged residual (after a restart between sending and the ack)."""
+        self._pending = {n: t.clone().float() for n, t in pending.items()}
+
     def commit(self) -> None:
         """The receiver acknowledged the staged update: its residual becomes current."""
         if self._pending is not None:

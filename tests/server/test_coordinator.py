@@ -9,7 +9,7 @@ import torch
 from fedtrain.config import config_from_dict
 from fedtrain.models import PRESETS, build_model
 from fedtrain.server import Coordinator, Reply
-from fedtrain.storage import RunDir
+from fedtrain.storage.runstore import RunStore
 from fedtrain.strategies import build_strategy
 from fedtrain.transport import decode_payload, encode_payload
 from tests.conftest import tiny_config_dict
@@ -58,6 +58,12 @@ class ScriptedEngine:
         self.received_downlinks.append(downlink)
         return len(downlink or b"") * len(self.silos)
 
+    def save_state(self, store, full):
+        return {"clock": self.now}
+
+    def restore_state(self, store, state):
+        self.now = state["clock"]
+
     def close_round(self, duration_s):
         self.now += duration_s
 
@@ -78,14 +84,14 @@ def _setup(tmp_path, arrivals, faults=None, **round_cfg):
     params = dict(model.named_parameters())
     engine = ScriptedEngine(cfg, "run", arrivals, faults)
     engine.params = params
-    run = RunDir(tmp_path)
+    run = RunStore(tmp_path)
     coord = Coordinator(
         cfg=cfg,
         run_id="run",
         model=model,
         strategy=build_strategy(cfg, params),
         engine=engine,
-        run_dir=run,
+        store=run,
         eval_batch=torch.randint(0, 256, (2, 33)),
     )
     start = {n: p.detach().clone() for n, p in params.items()}
@@ -93,7 +99,7 @@ def _setup(tmp_path, arrivals, faults=None, **round_cfg):
 
 
 def _events(run, kind):
-    return [e for e in run.read_jsonl(run.events_path) if e["event"] == kind]
+    return [e for e in run.dir.read_jsonl(run.dir.events_path) if e["event"] == kind]
 
 
 def _expected_fedavg(start, engine, silos, rnd=1):
@@ -114,7 +120,7 @@ def test_straggler_past_deadline_is_excluded_and_logged(tmp_path):
     (ev,) = _events(run, "straggler")
     assert ev["silo"] == "silo2" and ev["arrival_s"] == 30.0
     _assert_weights(params, _expected_fedavg(start, engine, ["silo0", "silo1"]))
-    row = json.loads(run.metrics_path.read_text().splitlines()[0])
+    row = json.loads(run.dir.metrics_path.read_text().splitlines()[0])
     assert row["round_time_s"] == 10.0  # waited until the deadline for silo2
     assert row["silos"] == 2 and row["stragglers"] == 1
 
@@ -124,7 +130,7 @@ def test_quorum_closes_at_the_kth_arrival(tmp_path):
         tmp_path, {"silo0": 1.0, "silo1": 2.5, "silo2": 8.0}, close_when="quorum", min_silos=2
     )
     coord.run()
-    row = json.loads(run.metrics_path.read_text().splitlines()[0])
+    row = json.loads(run.dir.metrics_path.read_text().splitlines()[0])
     assert row["round_time_s"] == 2.5 and row["silos"] == 2
     _assert_weights(params, _expected_fedavg(start, engine, ["silo0", "silo1"]))
 
@@ -158,7 +164,7 @@ def test_round_without_quorum_changes_nothing_and_is_recorded(tmp_path):
     totals = coord.run()
     assert totals.rounds_failed == 1
     assert _events(run, "round_failed")[0]["valid"] == 0
-    assert not run.metrics_path.exists()  # nothing committed
+    assert not run.dir.metrics_path.exists()  # nothing committed
     _assert_weights(params, start)
 
 
@@ -169,7 +175,8 @@ def test_coordinator_weights_equal_old_plus_the_broadcast_update(tmp_path):
     # Round 2 received round 1's update; a silo applying it reproduces the coordinator's
     # weights after round 1 bitwise.
     update = decode_payload(engine.received_downlinks[1]).tensors
-    parts, meta = run.load_checkpoint("round_000001")
+    state = run.index.round_state(1)
+    weights, _ = run.get_tensors(state["global_blob"])
     for n in start:
-        assert torch.equal(start[n] + update[n], parts["global"][n])
-    assert meta["round"] == 1
+        assert torch.equal(start[n] + update[n], weights[n])
+    assert run.blobs.get(state["downlink_blob"]) == engine.received_downlinks[1]

@@ -59,7 +59,7 @@ def test_run_directory_has_every_output(run_dir):
     ):
         assert (run_dir / name).exists(), name
     assert (run_dir / "plots/loss_vs_round.png").read_bytes()[:4] == b"\x89PNG"
-    assert len(list((run_dir / "checkpoints").glob("round_*.json"))) == 2  # keep-last-2
+    assert (run_dir / "index.sqlite").exists() and (run_dir / "blobs").is_dir()
 
 
 def test_metrics_have_one_row_per_round_with_required_fields(run_dir):
@@ -99,11 +99,17 @@ def test_loss_falls_well_below_start_and_below_a_unigram_model(run_dir):
     assert s["silos"] == 2 and s["rounds"] == 4 and len(s["config_sha256"]) == 64
 
 
-def test_final_weights_match_the_last_checkpoint(run_dir):
+def test_final_weights_match_the_last_committed_state(run_dir):
+    from fedtrain.storage.runstore import RunStore
+
+    store = RunStore(run_dir)
+    assert store.index.committed_rounds() == [1, 2, 3, 4]
     final = load_file(str(run_dir / "model.safetensors"))
-    ckpt = load_file(str(run_dir / "checkpoints" / "round_000004.global.safetensors"))
-    assert final.keys() == ckpt.keys()
-    assert all((final[k] == ckpt[k]).all() for k in final)
+    committed, _ = store.get_tensors(store.index.round_state(4)["global_blob"])
+    assert final.keys() == committed.keys()
+    assert all((final[k] == committed[k]).all() for k in final)
+    # keep_checkpoints = 2: older rounds keep their metrics but not their state blobs.
+    assert store.index.round_state(1).get("pruned") and "global_blob" in store.index.round_state(3)
 
 
 def test_ddp_baseline_spends_the_same_tokens_with_far_more_bytes(tmp_path):

@@ -4,7 +4,7 @@ import torch
 
 from fedtrain.config import TrainSection
 from fedtrain.server.aggregate import StreamingMean
-from fedtrain.storage.rundir import RunDir
+from fedtrain.storage.runstore import RunStore
 from fedtrain.strategies import DataParallel, DiLoCo
 
 
@@ -88,10 +88,13 @@ def test_momentum_state_round_trips_through_a_checkpoint(tmp_path):
         strat.step(_deltas(r, params), r + 1)
     outer, meta = strat.state_tensors()
     assert set(outer) == {f"{n}::momentum_buffer" for n in params}
-    run = RunDir(tmp_path)
-    run.save_checkpoint("round_000003", {"global": dict(params), "outer": outer}, {"outer": meta})
-    parts, saved = run.load_checkpoint("round_000003")
-
+    store = RunStore(tmp_path)
+    global_blob = store.put_tensors({n: p.detach() for n, p in params.items()})
+    outer_blob = store.put_tensors(outer, meta)
+    saved_global, _ = store.get_tensors(global_blob)
+    saved_outer, saved_meta = store.get_tensors(outer_blob)
+    parts = {"global": saved_global, "outer": saved_outer}
+    saved = {"outer": saved_meta}
     restored_params = {n: torch.nn.Parameter(parts["global"][n].clone()) for n in params}
     restored = DiLoCo(restored_params, inner_steps=10)
     restored.load_state_tensors(parts["outer"], saved["outer"])

@@ -1,0 +1,195 @@
+"""The run store: content-addressed blobs + a SQLite index + the human-readable run directory.
+
+Commit protocol for round r (phases named for crash tests, see :mod:`faults`):
+1. ``round_started`` — index row r = started;
+2. ``updates_stored`` — each silo's payload is a blob, indexed with validity and reason;
+3. ``state_written`` — new global weights, outer-optimizer state, coordinator error feedback,
+   the broadcast payload, and (every ``checkpoint_every`` rounds in simulation) every silo's
+   state are blobs;
+4. ``committed`` — ONE transaction marks r committed with the blob ids and metrics;
+5. ``published`` — metrics.jsonl is appended and old checkpoints are pruned.
+A crash anywhere loses at most round r; resume starts from the newest committed round whose
+blobs all verify, marking corrupt ones in the index and falling back to an older checkpoint.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import fsspec
+import torch
+from safetensors.torch import load as st_load
+from safetensors.torch import save as st_save
+
+from fedtrain.storage.blobstore import BlobCorrupted, BlobMissing, BlobStore
+from fedtrain.storage.faults import KillSwitch
+from fedtrain.storage.index import RunIndex
+from fedtrain.storage.rundir import RunDir
+
+__all__ = ["NoCheckpoint", "RunStore", "StoredState"]
+
+log = logging.getLogger(__name__)
+
+
+class NoCheckpoint(RuntimeError):
+    """The run has no committed, intact, resumable round."""
+
+
+@dataclass(slots=True)
+class StoredState:
+    round: int
+    """The committed round the state belongs to."""
+    state: dict[str, Any]
+    """Blob ids and JSON facts as committed."""
+
+
+def _blob_ids(state: dict[str, Any]) -> set[str]:
+    ids: set[str] = set()
+    for key, value in state.items():
+        if key.endswith("_blob") and isinstance(value, str):
+            ids.add(value)
+        elif key == "silos" and isinstance(value, dict):
+            ids.update(v for v in value.values() if isinstance(v, str))
+    return ids
+
+
+class RunStore:
+    """Durable, verifiable storage of one run."""
+
+    def __init__(
+        self,
+        run_dir: Path,
+        *,
+        url: str = "",
+        keep: int = 2,
+        fs: fsspec.AbstractFileSystem | None = None,
+        kill: KillSwitch | None = None,
+    ) -> None:
+        self.dir = RunDir(run_dir)
+        self.kill = kill or KillSwitch()
+        self.blobs = BlobStore(
+            url or f"file://{run_dir.resolve()}/blobs",
+            fs=fs,
+            on_tmp_written=lambda: self.kill.check("blob_tmp_written"),
+        )
+        self.index = RunIndex(run_dir / "index.sqlite")
+        self.keep = keep
+
+    # --------------------------------------------------------------- tensors
+    def put_tensors(
+        self, tensors: dict[str, torch.Tensor], meta: dict[str, Any] | None = None
+    ) -> str:
+        data = st_save(
+            {k: v.detach().contiguous() for k, v in tensors.items()},
+            metadata={"meta": json.dumps(meta or {})},
+        )
+        return self.blobs.put(data)
+
+    def get_tensors(self, blob_id: str) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+        data = self.blobs.get(blob_id)
+        tensors = st_load(data)
+        header_len = int.from_bytes(data[:8], "little")
+        header = json.loads(data[8 : 8 + header_len])
+        meta = json.loads(header.get("__metadata__", {}).get("meta", "{}"))
+        return tensors, meta
+
+    # ---------------------------------------------------------------- events
+    def event(self, kind: str, **fields: Any) -> None:
+        self.dir.event(kind, **fields)
+        self.index.event(kind, fields)
+
+    # ---------------------------------------------------------------- commit
+    def start_round(self, rnd: int) -> None:
+        self.kill.current_round = rnd
+        self.index.start_round(rnd)
+        self.kill.check("round_started")
+
+    def store_update(
+        self,
+        rnd: int,
+        silo: str,
+        payload: bytes | None,
+        *,
+        valid: bool,
+        reason: str | None,
+        codec: str | None,
+        weight: float | None,
+    ) -> None:
+        blob = self.blobs.put(payload) if payload else None
+        self.index.record_update(
+            rnd,
+            silo,
+            blob=blob,
+            nbytes=len(payload or b""),
+            codec=codec,
+            valid=valid,
+            reason=reason,
+            weight=weight,
+        )
+
+    def commit(self, rnd: int, state: dict[str, Any], metrics: dict[str, Any]) -> None:
+        """Steps 3-5 of the protocol (blobs in ``state`` must already be written)."""
+        self.kill.check("updates_stored")
+        self.kill.check("state_written")
+        self.index.commit_round(rnd, state, metrics)
+        self.kill.check("committed")
+        self.dir.metric(metrics)
+        self.dir.event(
+            "commit", round=rnd, tokens=metrics.get("tokens"), eval_loss=metrics.get("eval_loss")
+        )
+        self._prune()
+        self.kill.check("published")
+
+    def _prune(self) -> None:
+        """Keep the last ``keep`` rounds' state and the newest resumable one; drop the rest."""
+        committed = self.index.committed_rounds()
+        states = {r: self.index.round_state(r) for r in committed}
+        live = [r for r in committed if not states[r].get("pruned")]
+        keep = set(live[-self.keep :])
+        resumable = [r for r in live if "silos" in states[r]]
+        if resumable:
+            keep.add(resumable[-1])
+        referenced = set().union(*(_blob_ids(states[r]) for r in keep)) if keep else set()
+        for r in live:
+            if r in keep:
+                continue
+            for blob in _blob_ids(states[r]) - referenced:
+                self.blobs.delete(blob)
+            slim = {k: v for k, v in states[r].items() if not k.endswith("_blob") and k != "silos"}
+            self.index.db.execute(
+                "UPDATE rounds SET state = ? WHERE round = ?",
+                (json.dumps({**slim, "pruned": True}), r),
+            )
+
+    # ---------------------------------------------------------------- resume
+    def latest_state(self, require_silos: bool) -> StoredState:
+        """Newest committed round whose blobs all verify (corrupt ones are marked and skipped)."""
+        for rnd in reversed(self.index.committed_rounds()):
+            state = self.index.round_state(rnd)
+            if state.get("pruned") or (require_silos and "silos" not in state):
+                continue
+            try:
+                for blob in sorted(_blob_ids(state)):
+                    self.blobs.get(blob)
+            except (BlobCorrupted, BlobMissing) as e:
+                reason = f"{type(e).__name__}: {e}"
+                self.index.mark_corrupt(rnd, reason)
+                self.event("checkpoint_corrupt", round=rnd, reason=reason)
+                log.warning("round %d checkpoint unusable (%s); trying an older one", rnd, reason)
+                continue
+            return StoredState(round=rnd, state=state)
+        raise NoCheckpoint(f"{self.dir.root}: no intact committed round to resume from")
+
+    def rewind_to(self, rnd: int) -> None:
+        """Forget everything after round ``rnd`` and rewrite metrics.jsonl from the index."""
+        self.index.forget_after(rnd)
+        rows = self.index.metrics()
+        text = "".join(json.dumps(r, sort_keys=True) + "\n" for r in rows)
+        self.dir.write_text("metrics.jsonl", text)
+        tmp = f"{self.blobs.root}/tmp"
+        for leftover in self.blobs.fs.ls(tmp, detail=False):
+            self.blobs.fs.rm(leftover)
