@@ -263,6 +263,8 @@ class StorageSection:
     """In simulation, also store every silo's state every N rounds (resume restarts there)."""
     keep_checkpoints: int = 2
     """How many committed rounds keep their full state (older state blobs are deleted)."""
+    cache_bytes: int = 256 << 20
+    """Byte budget of the in-memory cache of recent rounds (0 = no cache)."""
 
     def __post_init__(self) -> None:
         import fsspec
@@ -280,6 +282,7 @@ class StorageSection:
             "an integer >= 1",
             self.checkpoint_every,
         )
+        _check(self.cache_bytes >= 0, "storage.cache_bytes", "an integer >= 0", self.cache_bytes)
         _check(
             self.keep_checkpoints >= 1,
             "storage.keep_checkpoints",

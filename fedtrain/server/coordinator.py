@@ -117,6 +117,7 @@ class Coordinator:
         self.totals = RunTotals()
         self._downlink: bytes | None = None
         self._restored = False
+        self._aggregate: dict[str, torch.Tensor] = {}
 
     def evaluate(self) -> float:
         return evaluate_loss(
@@ -172,6 +173,7 @@ class Coordinator:
         cfg = self.cfg
         if not self._restored:
             weights = {n: p.detach() for n, p in self.params.items()}
+            self.store.index.set_meta("initial_global_blob", self.store.put_tensors(weights))
             # Joining silos get full fp32 weights once; afterwards only encoded updates.
             t.bytes_join = self.engine.join(self._encode(weights, "weights", 0, "fp32"))
             self.store.event("join", silos=self.engine.silos, bytes_down=t.bytes_join)
@@ -211,6 +213,7 @@ class Coordinator:
                     cfg.round.min_silos,
                 )
                 continue
+            self._aggregate = result["mean"]
             downlink = self._outer_step(rnd, result["mean"], result["accepted"])
             t.tokens += result["tokens"]
             last = t.steps >= total_steps or bool(cfg.run.rounds and rnd >= cfg.run.rounds)
@@ -394,6 +397,7 @@ class Coordinator:
             "run_id": self.run_id,
             "global_blob": store.put_tensors({n: p.detach() for n, p in self.params.items()}),
             "outer_blob": store.put_tensors(outer, outer_meta),
+            "aggregate_blob": store.put_tensors(self._aggregate),
             "downlink_blob": store.blobs.put(downlink),
             "totals": self.totals.to_json(),
         }

@@ -23,6 +23,7 @@ from fedtrain.models.presets import PRESETS
 from fedtrain.server.coordinator import Coordinator
 from fedtrain.simulation.inprocess import InProcessEngine
 from fedtrain.simulation.progress import RunProgress
+from fedtrain.storage.cache import MetadataCache
 from fedtrain.storage.plots import plot_metrics
 from fedtrain.storage.rundir import RunDir
 from fedtrain.storage.runstore import RunStore
@@ -131,6 +132,8 @@ def build_simulation(
         raise RunExists(f"{run_dir} already holds a run; choose another --run-dir or --resume")
     started = time.perf_counter()
     store = RunStore(run_dir, url=cfg.storage.url, keep=cfg.storage.keep_checkpoints)
+    if cfg.storage.cache_bytes:
+        store.cache = MetadataCache(store, cfg.storage.cache_bytes)
     run = store.dir
     stored = None
     if resume:

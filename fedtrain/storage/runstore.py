@@ -47,6 +47,15 @@ class StoredState:
     """Blob ids and JSON facts as committed."""
 
 
+# Kept for every committed round (queries, contribution, debugging); the rest of a round's
+# state only for the last ``keep`` rounds and the newest resumable one.
+_KEEP_ALWAYS = ("global_blob", "aggregate_blob")
+
+
+def _always(state: dict[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in state.items() if k in _KEEP_ALWAYS}
+
+
 def _blob_ids(state: dict[str, Any]) -> set[str]:
     ids: set[str] = set()
     for key, value in state.items():
@@ -78,6 +87,8 @@ class RunStore:
         )
         self.index = RunIndex(run_dir / "index.sqlite")
         self.keep = keep
+        self.cache: Any = None
+        """A :class:`~fedtrain.storage.cache.MetadataCache` to prefetch into on commit."""
 
     # --------------------------------------------------------------- tensors
     def put_tensors(
@@ -137,6 +148,14 @@ class RunStore:
         self.kill.check("state_written")
         self.index.commit_round(rnd, state, metrics)
         self.kill.check("committed")
+        if self.cache is not None:
+            self.cache.on_commit(rnd)
+            scores = {
+                s: v["cosine_to_aggregate"]
+                for (r, s), v in self.cache.stats.scalars.items()
+                if r == rnd
+            }
+            self.event("silo_similarity", round=rnd, cosine_to_aggregate=scores)
         self.dir.metric(metrics)
         self.dir.event(
             "commit", round=rnd, tokens=metrics.get("tokens"), eval_loss=metrics.get("eval_loss")
@@ -145,7 +164,9 @@ class RunStore:
         self.kill.check("published")
 
     def _prune(self) -> None:
-        """Keep the last ``keep`` rounds' state and the newest resumable one; drop the rest."""
+        """Keep full state for the last ``keep`` rounds and the newest resumable one; for older
+        rounds keep only the global weights and aggregate (queries and contribution need them).
+        """
         committed = self.index.committed_rounds()
         states = {r: self.index.round_state(r) for r in committed}
         live = [r for r in committed if not states[r].get("pruned")]
@@ -153,13 +174,19 @@ class RunStore:
         resumable = [r for r in live if "silos" in states[r]]
         if resumable:
             keep.add(resumable[-1])
-        referenced = set().union(*(_blob_ids(states[r]) for r in keep)) if keep else set()
+        referenced: set[str] = set()
+        for r, st in states.items():
+            referenced |= _blob_ids(st) if r in keep else _blob_ids(_always(st))
         for r in live:
             if r in keep:
                 continue
             for blob in _blob_ids(states[r]) - referenced:
                 self.blobs.delete(blob)
-            slim = {k: v for k, v in states[r].items() if not k.endswith("_blob") and k != "silos"}
+            slim = {
+                k: v
+                for k, v in states[r].items()
+                if k in _KEEP_ALWAYS or not (k.endswith("_blob") or k == "silos")
+            }
             self.index.db.execute(
                 "UPDATE rounds SET state = ? WHERE round = ?",
                 (json.dumps({**slim, "pruned": True}), r),

@@ -109,7 +109,9 @@ def test_final_weights_match_the_last_committed_state(run_dir):
     assert final.keys() == committed.keys()
     assert all((final[k] == committed[k]).all() for k in final)
     # keep_checkpoints = 2: older rounds keep their metrics but not their state blobs.
-    assert store.index.round_state(1).get("pruned") and "global_blob" in store.index.round_state(3)
+    old, recent = store.index.round_state(1), store.index.round_state(3)
+    assert old.get("pruned") and "outer_blob" not in old and "outer_blob" in recent
+    assert store.blobs.exists(old["global_blob"])  # weights of every round stay queryable
 
 
 def test_ddp_baseline_spends_the_same_tokens_with_far_more_bytes(tmp_path):
