@@ -5,6 +5,7 @@ from __future__ import annotations
 import typer
 
 from fedtrain.cli import simulate as simulate_cmd
+from fedtrain.cli import store as store_cmd
 
 __all__ = ["app", "main"]
 
@@ -16,6 +17,7 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
 )
 app.command("simulate")(simulate_cmd.simulate)
+app.add_typer(store_cmd.app, name="store")
 
 
 @app.callback()

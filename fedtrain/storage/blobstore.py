@@ -52,11 +52,16 @@ class BlobStore:
         return f"{self.root}/{blob_id[:2]}/{blob_id}"
 
     def put(self, data: bytes) -> str:
-        """Store ``data`` (idempotent); return its id."""
+        """Store ``data`` (idempotent; repairs a corrupted copy); return its id."""
         blob_id = hashlib.sha256(data).hexdigest()
         final = self.path(blob_id)
         if self.fs.exists(final):
-            return blob_id
+            # Deduplicate only onto an intact copy: a corrupted one is replaced, not trusted.
+            try:
+                self.get(blob_id)
+                return blob_id
+            except (BlobCorrupted, BlobMissing):
+                pass
         tmp = f"{self.root}/tmp/{uuid.uuid4().hex}.{os.getpid()}"
         with self.fs.open(tmp, "wb") as f:
             f.write(data)

@@ -25,6 +25,7 @@ __all__ = [
     "FunctionContext",
     "exact_shapley",
     "leave_one_out",
+    "make_evaluator",
     "monte_carlo_shapley",
     "register",
     "run_function",
@@ -250,3 +251,33 @@ def latest_model(ctx: FunctionContext) -> dict[str, torch.Tensor]:
     if not rounds:
         raise ValueError("no committed round yet")
     return ctx.cache.global_weights(rounds[-1])
+
+
+def make_evaluator(run_dir: Any) -> Callable[[dict[str, torch.Tensor]], float]:
+    """Eval loss of given global weights on the run's held-out split (its config + tokenizer)."""
+    from pathlib import Path
+
+    from fedtrain.client.trainer import evaluate_loss
+    from fedtrain.config import load_config
+    from fedtrain.data.prepare import prepare_data
+    from fedtrain.models.llama import build_model
+    from fedtrain.models.presets import PRESETS
+
+    root = Path(run_dir)
+    cfg = load_config(root / "config.toml")
+    data = prepare_data(cfg, root)
+    model = build_model(
+        PRESETS[cfg.model.preset],
+        data.tokenizer.vocab_size,
+        cfg.run.seed,
+        tie=cfg.model.tie_embeddings,
+    )
+    params = dict(model.named_parameters())
+
+    @torch.no_grad()
+    def evaluate(weights: dict[str, torch.Tensor]) -> float:
+        for n, p in params.items():
+            p.copy_(weights[n])
+        return evaluate_loss(model, data.eval_batch, cfg.train.batch_size, bf16=cfg.train.bf16)
+
+    return evaluate

@@ -29,6 +29,7 @@ def run_contract(store: BlobStore) -> None:
         f.write(b"federatex" + data[9:])
     with pytest.raises(BlobCorrupted):
         store.get(blob)
+    assert store.put(data) == blob and store.get(blob) == data  # re-put repairs it
     with pytest.raises(BlobMissing):
         store.get("0" * 64)
     store.delete(empty)

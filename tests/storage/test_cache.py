@@ -55,15 +55,17 @@ def _populate(store: RunStore, rounds: int, cache: MetadataCache | None = None) 
         agg = {n: torch.zeros(s) for n, s in SHAPES.items()}
         for silo in SILOS:
             upd = _update(rnd, silo)
-            data = encode_payload(upd, codec="fp32", kind="pseudo_grad", run_id="r", round=rnd,
-                                  sender=silo)
-            store.store_update(rnd, silo, data, valid=True, reason=None, codec="fp32",
-                               weight=1.0)
+            data = encode_payload(
+                upd, codec="fp32", kind="pseudo_grad", run_id="r", round=rnd, sender=silo
+            )
+            store.store_update(rnd, silo, data, valid=True, reason=None, codec="fp32", weight=1.0)
             for n in agg:
                 agg[n] += upd[n] / len(SILOS)
         weights = {n: weights[n] - agg[n] for n in weights}
-        state = {"global_blob": store.put_tensors(weights),
-                 "aggregate_blob": store.put_tensors(agg)}
+        state = {
+            "global_blob": store.put_tensors(weights),
+            "aggregate_blob": store.put_tensors(agg),
+        }
         store.index.commit_round(rnd, state, {"round": rnd})
         if cache is not None:
             cache.on_commit(rnd)
@@ -182,5 +184,9 @@ def test_monte_carlo_shapley_approaches_exact():
 
 def test_leave_one_out_by_hand():
     # v(N) = 5; without a: 2; without b: 3; without c: 4; without n: 5.
-    assert leave_one_out(["a", "b", "c", "n"], _toy_game) == {"a": 3.0, "b": 2.0, "c": 1.0,
-                                                               "n": 0.0}
+    assert leave_one_out(["a", "b", "c", "n"], _toy_game) == {
+        "a": 3.0,
+        "b": 2.0,
+        "c": 1.0,
+        "n": 0.0,
+    }

@@ -2,10 +2,9 @@
 
 from __future__ import annotations
 
-import numpy as np
 import torch
 
-from fedtrain.transport.codecs.base import Codec, bf16_bits_to_float
+from fedtrain.transport.codecs.base import Codec, readonly_tensor
 
 __all__ = ["Bf16Codec"]
 
@@ -22,5 +21,4 @@ class Bf16Codec(Codec):
         return b.numpy().astype("<i2", copy=False).tobytes()
 
     def decode(self, data: bytes | memoryview, numel: int) -> torch.Tensor:
-        bits = np.frombuffer(data, dtype="<u2", count=numel).astype(np.int32)
-        return bf16_bits_to_float(torch.from_numpy(bits)).clone()
+        return readonly_tensor(data, torch.bfloat16, numel).to(torch.float32)
