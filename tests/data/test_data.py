@@ -120,3 +120,35 @@ def test_bad_user_text_gives_named_errors(tmp_path):
     (tmp_path / "bad.jsonl").write_text('{"txt": 1}\n')
     with pytest.raises(CorpusError, match="bad.jsonl:1"):
         read_text_documents([str(tmp_path / "bad.jsonl")])
+
+
+def test_a_silo_can_bring_its_own_text(tmp_path):
+    from fedtrain.config import config_from_dict
+    from fedtrain.data import prepare_data
+
+    own = tmp_path / "own.txt"
+    own.write_text("Our institution's private notes. " * 200)
+    cfg = config_from_dict(
+        {
+            "run": {"rounds": 1, "eval_batches": 2},
+            "data": {
+                "silos": 3,
+                "tokenizer": "byte",
+                "max_chars": 200_000,
+                "silo_data": {"silo1": str(own)},
+            },
+            "train": {"seq_len": 16},
+        }
+    )
+    data = prepare_data(cfg, tmp_path)
+    assert bytes(data.silo_tokens[1].tolist()).decode() == own.read_text()
+    assert data.silo_groups[1] == ["own.txt"]
+    assert data.silo_groups[0][0] == "Genesis"  # others keep their corpus shards
+    bad = config_from_dict(
+        {
+            "run": {"rounds": 1},
+            "data": {"silos": 2, "silo_data": {"silo1": str(tmp_path / "missing.txt")}},
+        }
+    )
+    with pytest.raises(CorpusError):
+        prepare_data(bad, tmp_path / "x")
