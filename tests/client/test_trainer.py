@@ -46,7 +46,7 @@ def test_inner_state_persists_and_pseudo_gradient_is_anchor_minus_local():
     local = {n: p.detach().clone() for n, p in t.params.items()}
     t.apply_global_update({n: -d for n, d in delta.items()}, alpha=1.0)  # α=1 keeps local
     for n, p in t.params.items():
-        assert torch.equal(t.anchor[n], start[n] + delta[n])
+        assert torch.equal(t.anchor[n], start[n] - delta[n])
         assert torch.equal(p.detach(), local[n])
     t.apply_global_update({n: torch.zeros_like(d) for n, d in delta.items()}, alpha=0.0)
     for n, p in t.params.items():
