@@ -196,13 +196,13 @@ class TrainSection:
         return self.batch_size * self.seq_len * self.grad_accum
 
 
-STRATEGIES = ("diloco", "fedavg", "ddp")
+STRATEGIES = ("diloco", "fedavg", "ddp", "streaming")
 
 
 @dataclass(kw_only=True, slots=True)
 class StrategySection:
     name: str = "diloco"
-    """'diloco', 'fedavg' (DiLoCo with outer SGD lr 1.0, no momentum) or 'ddp' (baseline)."""
+    """'diloco', 'fedavg' (outer SGD lr 1, no momentum), 'streaming' or 'ddp' (baseline)."""
     outer_lr: float = 0.7
     """Outer optimizer learning rate (DiLoCo; ignored by the fedavg preset)."""
     outer_momentum: float = 0.9
@@ -211,8 +211,27 @@ class StrategySection:
     """Use Nesterov momentum in the outer step."""
     weighting: str = "tokens"
     """Weight of each silo's pseudo-gradient: 'tokens' (tokens processed) or 'equal'."""
+    fragments: int = 4
+    """Streaming: P, the number of fragments (at most the number of layers; 1 = DiLoCo)."""
+    fragment_pattern: str = "strided"
+    """Streaming: 'strided' (fragment p holds blocks p, p+P, ...) or 'contiguous'."""
+    delay_steps: int = 1
+    """Streaming: τ, inner steps a fragment's outer result may arrive late (overlap); < H/P."""
+    mix_alpha: float = 0.5
+    """Streaming: α, the merge θ_p ← α·θ_local + (1−α)·θ_global (0 = take the global)."""
 
     def __post_init__(self) -> None:
+        _check(self.fragments >= 1, "strategy.fragments", "an integer >= 1", self.fragments)
+        _check(
+            self.fragment_pattern in ("strided", "contiguous"),
+            "strategy.fragment_pattern",
+            "'strided' or 'contiguous'",
+            self.fragment_pattern,
+        )
+        _check(self.delay_steps >= 0, "strategy.delay_steps", "an integer >= 0", self.delay_steps)
+        _check(
+            0.0 <= self.mix_alpha <= 1.0, "strategy.mix_alpha", "a number in [0, 1]", self.mix_alpha
+        )
         _check(self.name in STRATEGIES, "strategy.name", f"one of {list(STRATEGIES)}", self.name)
         _check(
             0.0 < self.outer_lr <= 10.0, "strategy.outer_lr", "a number in (0, 10]", self.outer_lr
@@ -393,6 +412,20 @@ class Config:
             f"at most data.silos = {self.data.silos}",
             self.round.min_silos,
         )
+        if self.strategy.name == "streaming":
+            h, p, tau = self.train.inner_steps, self.strategy.fragments, self.strategy.delay_steps
+            _check(
+                h % p == 0,
+                "strategy.fragments",
+                f"a divisor of train.inner_steps = {h} (fragments sync every H/P steps)",
+                p,
+            )
+            _check(
+                tau < h // p,
+                "strategy.delay_steps",
+                f"less than H/P = {h // p} (one fragment in flight at a time)",
+                tau,
+            )
         names = set(self.silo_names())
         for silo in self.data.silo_data:
             _check(silo in names, "data.silo_data", f"keys among silo names {sorted(names)}", silo)
@@ -414,14 +447,19 @@ class Config:
         """Tokens all silos process in one full DiLoCo round."""
         return self.data.silos * self.train.inner_steps * self.train.tokens_per_step
 
+    def steps_per_round(self) -> int:
+        """Inner steps between two commits: H (DiLoCo), H/P (streaming), 1 (DDP)."""
+        if self.strategy.name == "ddp":
+            return 1
+        if self.strategy.name == "streaming":
+            return self.train.inner_steps // self.strategy.fragments
+        return self.train.inner_steps
+
     def total_inner_steps(self) -> int:
         """Inner steps each silo takes over the whole run (length of the LR schedule)."""
         per_step = self.data.silos * self.train.tokens_per_step
         by_budget = -(-self.run.token_budget // per_step) if self.run.token_budget else 0
-        if self.strategy.name == "ddp":
-            by_rounds = self.run.rounds
-        else:
-            by_rounds = self.run.rounds * self.train.inner_steps
+        by_rounds = self.run.rounds * self.steps_per_round()
         candidates = [s for s in (by_budget, by_rounds) if s > 0]
         return min(candidates)
 

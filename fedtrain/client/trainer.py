@@ -39,6 +39,12 @@ class StepStats:
     mean_loss: float
     """Mean training loss over those steps."""
 
+    def merged(self, later: StepStats) -> StepStats:
+        """Stats of this call followed by ``later``."""
+        steps = self.steps + later.steps
+        loss = (self.mean_loss * self.steps + later.mean_loss * later.steps) / max(steps, 1)
+        return StepStats(steps=steps, tokens=self.tokens + later.tokens, mean_loss=loss)
+
 
 class SiloTrainer:
     """Local training on one silo (Douillard et al. 2023's inner loop)."""

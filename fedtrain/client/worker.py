@@ -56,7 +56,26 @@ class SiloWorker:
         self.feedback = ErrorFeedback() if transport.error_feedback else None
         self.last_downlink: Payload | None = None
 
-    def receive(self, downlink: bytes | None, coordinator_key: Any = None) -> None:
+    def handle(
+        self,
+        round: int,
+        work: Work,
+        downlink: bytes | None,
+        on_step: Callable[[int], None] | None = None,
+    ) -> WorkResult:
+        """One round on the silo: train, merge the previous round's result when it is due
+        (``work.extra['apply_at']`` steps in: the overlap τ of Streaming DiLoCo; 0 = first),
+        finish the work and return the encoded reply."""
+        apply_at = int(work.extra.get("apply_at", 0))
+        alpha = float(work.extra.get("alpha", 0.0))
+        early = self.trainer.train(apply_at, on_step) if apply_at else None
+        self.receive(downlink, alpha=alpha)
+        rest = Work(kind=work.kind, steps=work.steps - apply_at, names=work.names, extra=work.extra)
+        return self.work(round, rest, on_step, before=early)
+
+    def receive(
+        self, downlink: bytes | None, coordinator_key: Any = None, alpha: float = 0.0
+    ) -> None:
         """Apply the last outer update and settle the error-feedback residual.
 
         The downlink's ``accepted`` list is the acknowledgement: the residual staged with this
@@ -72,15 +91,21 @@ class SiloWorker:
                 self.feedback.commit()
             else:
                 self.feedback.discard()
-        self.trainer.apply_global_update(update.tensors)
+        self.trainer.apply_global_update(update.tensors, alpha=alpha)
         self.last_downlink = update
 
     def work(
-        self, round: int, work: Work, on_step: Callable[[int], None] | None = None
+        self,
+        round: int,
+        work: Work,
+        on_step: Callable[[int], None] | None = None,
+        before: StepStats | None = None,
     ) -> WorkResult:
-        """Run ``work`` and return the encoded reply."""
+        """Run ``work`` and return the encoded reply (``before``: steps already taken)."""
         if work.kind == "train":
             stats = self.trainer.train(work.steps, on_step)
+            if before is not None:
+                stats = before.merged(stats)
             tensors = self.trainer.pseudo_gradient(work.names)
             kind = "pseudo_grad"
         elif work.kind == "grad":

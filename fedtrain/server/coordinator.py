@@ -65,6 +65,10 @@ class RunTotals:
     """Bytes of those broadcasts (per copy)."""
     wall_s: float = 0.0
     """Real seconds spent in rounds (summed over restarts)."""
+    max_payload_bytes: int = 0
+    """Largest single uplink payload (the peak a silo's link must carry per sync)."""
+    max_payload_values: int = 0
+    """Most values in one decoded uplink payload."""
     history: list[dict[str, Any]] = field(default_factory=list)
 
     def to_json(self) -> dict[str, Any]:
@@ -240,6 +244,8 @@ class Coordinator:
                 "buffer_bytes": result["buffer_bytes"],
                 "codec": cfg.transport.codec,
                 "compression_up": result["compression_up"],
+                "fragment": next(iter(work.values())).extra.get("fragment"),
+                "max_payload_bytes": result["max_payload_bytes"],
             }
             self._commit(rnd, row, downlink, last)
             t.history.append(row)
@@ -256,7 +262,7 @@ class Coordinator:
         closer = close_condition(cfg.round)
         agg = StreamingMean()
         valid = seen = stragglers = rejected = bytes_up = tokens = 0
-        values = decoded_bytes = 0
+        values = decoded_bytes = max_payload = max_values = 0
         loss_sum = loss_w = 0.0
         last_arrival = 0.0
         accepted: list[str] = []
@@ -265,6 +271,7 @@ class Coordinator:
             seen += 1
             size = len(reply.payload or b"")
             bytes_up += size
+            max_payload = max(max_payload, size)
             reason: str | None = None
             if reply.arrival_s > timeout:
                 stragglers += 1
@@ -292,6 +299,7 @@ class Coordinator:
                         silo=reply.silo,
                         kind=self.strategy.reply_kind,
                         params=self.params,
+                        names=work[reply.silo].names,
                     )
                 except (PayloadError, UpdateRejected) as e:
                     rejected += 1
@@ -324,6 +332,7 @@ class Coordinator:
             valid += 1
             accepted.append(reply.silo)
             values += payload.numel
+            max_values = max(max_values, payload.numel)
             decoded_bytes += size
             n_tok = int(payload.meta.get("tokens", 0))
             tokens += n_tok
@@ -353,6 +362,8 @@ class Coordinator:
         t.values_up += values
         t.payload_bytes_up += decoded_bytes
         t.max_buffer_bytes = max(t.max_buffer_bytes, agg.buffer_bytes)
+        t.max_payload_bytes = max(t.max_payload_bytes, max_payload)
+        t.max_payload_values = max(t.max_payload_values, max_values)
         ok = valid >= cfg.round.min_silos
         return {
             "mean": agg.mean() if ok else None,
@@ -366,15 +377,17 @@ class Coordinator:
             "duration": duration,
             "buffer_bytes": agg.buffer_bytes,
             "compression_up": 4 * values / decoded_bytes if decoded_bytes else None,
+            "max_payload_bytes": max_payload,
         }
 
     @torch.no_grad()
     def _outer_step(self, rnd: int, mean: dict[str, torch.Tensor], accepted: list[str]) -> bytes:
         """Outer step, then replace θ by θ_old + δ̂ (the decoded broadcast update)."""
-        old = {n: p.detach().clone() for n, p in self.params.items()}
+        names = self.strategy.update_names(rnd) or list(self.params)
+        old = {n: self.params[n].detach().clone() for n in names}
         with torch.enable_grad():
             self.strategy.step(mean, rnd)
-        delta = {n: p.detach() - old[n] for n, p in self.params.items()}
+        delta = {n: self.params[n].detach() - old[n] for n in names}
         send = self.feedback.compensate(delta) if self.feedback is not None else delta
         downlink = self._encode(
             send, "update", rnd, self.cfg.transport.codec, meta={"accepted": accepted}
@@ -383,8 +396,8 @@ class Coordinator:
         if self.feedback is not None:
             self.feedback.stage(send, decoded)
             self.feedback.commit()  # the coordinator's own broadcast always counts
-        for n, p in self.params.items():
-            p.copy_(old[n] + decoded[n])
+        for n in names:
+            self.params[n].copy_(old[n] + decoded[n])
         self.totals.values_down += sum(v.numel() for v in decoded.values())
         self.totals.payload_bytes_down += len(downlink)
         return downlink

@@ -21,6 +21,7 @@ def validate_update(
     silo: str,
     kind: str,
     params: dict[str, torch.nn.Parameter],
+    names: list[str] | None = None,
 ) -> None:
     """Raise :class:`UpdateRejected` unless ``payload`` is this silo's finite ``round`` update."""
     if payload.run_id != run_id:
@@ -31,7 +32,7 @@ def validate_update(
         raise UpdateRejected(f"payload was sent by {payload.sender!r}, expected {silo!r}")
     if payload.kind != kind:
         raise UpdateRejected(f"payload kind {payload.kind!r}, expected {kind!r}")
-    got, want = set(payload.tensors), set(params)
+    got, want = set(payload.tensors), set(names if names is not None else params)
     if got != want:
         extra, missing = sorted(got - want)[:3], sorted(want - got)[:3]
         raise UpdateRejected(f"parameter names differ (unexpected {extra}, missing {missing})")

@@ -102,29 +102,40 @@ class InProcessEngine:
             for name, p in zip(self.silos, profiles, strict=True)
         }
         self.compute_s: dict[str, float] = dict.fromkeys(self.silos, 0.0)
+        self.ready_at: dict[str, float] = dict.fromkeys(self.silos, 0.0)
+        """Virtual time at which each silo finished its last work (it may train on from there)."""
 
     def join(self, weights_payload: bytes) -> int:
         weights = decode_payload(weights_payload).tensors
         for worker in self.workers.values():
             worker.trainer.set_global(weights)
         # Joining happens before round 1; charge the slowest download to the clock.
+        for name, t in self.timing.items():
+            self.ready_at[name] = self.clock.now + t.down_time(len(weights_payload))
         self.clock.advance(max(t.down_time(len(weights_payload)) for t in self.timing.values()))
         return len(weights_payload) * len(self.workers)
 
     def run_round(
         self, round: int, work: dict[str, Work], downlink: bytes | None, deadline_s: float
     ) -> Iterator[Reply]:
+        start = self.clock.now
         replies = []
         for idx, name in enumerate(self.silos):
             if name not in work:
                 continue
-            worker, timing = self.workers[name], self.timing[name]
-            worker.receive(downlink)
-            result = worker.work(round, work[name], self.on_step)
-            compute = timing.compute_time(result.stats.steps, round)
-            self.compute_s[name] += compute
-            down = timing.down_time(len(downlink)) if downlink is not None else 0.0
-            arrival = down + compute + timing.up_time(len(result.payload))
+            worker, timing, w = self.workers[name], self.timing[name], work[name]
+            result = worker.handle(round, w, downlink, self.on_step)
+            # Per-silo timeline: the silo kept computing after its last send; it trains
+            # `apply_at` steps (the overlap τ), then needs the broadcast, then finishes.
+            per_step = timing.compute_time(1, round)
+            apply_at = int(w.extra.get("apply_at", 0))
+            t = self.ready_at[name] + apply_at * per_step
+            if downlink is not None:
+                t = max(t, start + timing.down_time(len(downlink)))
+            t += (result.stats.steps - apply_at) * per_step
+            self.ready_at[name] = t
+            self.compute_s[name] += result.stats.steps * per_step
+            arrival = t + timing.up_time(len(result.payload)) - start
             replies.append(
                 (arrival, idx, Reply(silo=name, payload=result.payload, arrival_s=arrival))
             )
@@ -145,6 +156,7 @@ class InProcessEngine:
         state: dict[str, Any] = {
             "clock": self.clock.now,
             "compute_s": dict(self.compute_s),
+            "ready_at": dict(self.ready_at),
             "measured_step_time_s": self.measured_step_time_s,
         }
         if full:
@@ -159,6 +171,7 @@ class InProcessEngine:
             raise ValueError("the checkpoint does not hold every silo's state")
         self.clock.now = float(state["clock"])
         self.compute_s = {k: float(v) for k, v in state["compute_s"].items()}
+        self.ready_at = {k: float(v) for k, v in state["ready_at"].items()}
         for name, blob in state["silos"].items():
             tensors, meta = store.get_tensors(blob)
             self.workers[name].load_state_tensors(tensors, meta)

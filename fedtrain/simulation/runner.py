@@ -49,7 +49,7 @@ class RunExists(RuntimeError):
 def expected_rounds(cfg: Config) -> int:
     """Rounds the run will take if every round commits."""
     steps = cfg.total_inner_steps()
-    n = steps if cfg.strategy.name == "ddp" else math.ceil(steps / cfg.train.inner_steps)
+    n = math.ceil(steps / cfg.steps_per_round())
     return min(n, cfg.run.rounds) if cfg.run.rounds else n
 
 
@@ -249,6 +249,15 @@ def _execute(sim: Simulation) -> dict[str, Any]:
         "sim_time_s": engine.sim_time_s(),
         "measured_step_time_s": engine.measured_step_time_s,
         "silo_compute_s": engine.compute_s,
+        "compute_utilisation": (
+            sum(engine.compute_s.values()) / len(engine.compute_s) / engine.clock.now
+            if engine.clock.now
+            else None
+        ),
+        "max_payload_bytes": totals.max_payload_bytes,
+        "peak_reduction_vs_full_model": (
+            n_params / totals.max_payload_values if totals.max_payload_values else None
+        ),
         "silo_groups": {
             n: g[:3] + (["..."] if len(g) > 3 else [])
             for n, g in zip(cfg.silo_names(), data.silo_groups, strict=True)

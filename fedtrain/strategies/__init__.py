@@ -1,4 +1,4 @@
-"""Outer algorithms: DiLoCo (and FedAvg as its preset), the data-parallel baseline."""
+"""Outer algorithms: DiLoCo (FedAvg as its preset), Streaming DiLoCo, the data-parallel baseline."""
 
 from __future__ import annotations
 
@@ -8,8 +8,17 @@ from fedtrain.config import Config
 from fedtrain.strategies.base import OuterOptimizerStrategy, Strategy, Work
 from fedtrain.strategies.ddp import DataParallel
 from fedtrain.strategies.diloco import DiLoCo
+from fedtrain.strategies.streaming import StreamingDiLoCo
 
-__all__ = ["DataParallel", "DiLoCo", "OuterOptimizerStrategy", "Strategy", "Work", "build_strategy"]
+__all__ = [
+    "DataParallel",
+    "DiLoCo",
+    "OuterOptimizerStrategy",
+    "Strategy",
+    "StreamingDiLoCo",
+    "Work",
+    "build_strategy",
+]
 
 
 def build_strategy(cfg: Config, params: dict[str, torch.nn.Parameter]) -> Strategy:
@@ -26,6 +35,22 @@ def build_strategy(cfg: Config, params: dict[str, torch.nn.Parameter]) -> Strate
         )
     if s.name == "fedavg":
         return DiLoCo.fedavg(params, inner_steps=cfg.train.inner_steps, weighting=s.weighting)
+    if s.name == "streaming":
+        from fedtrain.models.presets import PRESETS
+
+        return StreamingDiLoCo(
+            params,
+            n_layers=PRESETS[cfg.model.preset].n_layers,
+            inner_steps=cfg.train.inner_steps,
+            fragments=s.fragments,
+            pattern=s.fragment_pattern,
+            delay_steps=s.delay_steps,
+            mix_alpha=s.mix_alpha,
+            lr=s.outer_lr,
+            momentum=s.outer_momentum,
+            nesterov=s.nesterov,
+            weighting=s.weighting,
+        )
     if s.name == "ddp":
         return DataParallel(params, train=cfg.train, total_steps=cfg.total_inner_steps())
     raise ValueError(f"unknown strategy {s.name!r}")

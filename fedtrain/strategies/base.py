@@ -48,6 +48,10 @@ class Strategy(ABC):
     def plan(self, round: int, silos: list[str], steps: int) -> dict[str, Work]:
         """Work for each silo this round; ``steps`` is the remaining inner-step allowance."""
 
+    def update_names(self, round: int) -> list[str] | None:
+        """Parameters the outer step of ``round`` changes (None = all): only they are broadcast."""
+        return None
+
     @abstractmethod
     def weight(self, meta: dict[str, Any]) -> float:
         """Aggregation weight of a reply from its metadata."""
