@@ -16,6 +16,17 @@ __all__ = ["app"]
 
 app = typer.Typer(help="Inspect and query a run's store (index + blobs).", no_args_is_help=True)
 
+_ROUND_METRICS = (
+    "tokens",
+    "train_loss",
+    "eval_loss",
+    "bytes_up",
+    "bytes_down",
+    "silos",
+    "stragglers",
+    "rejected",
+)
+
 RunDirArg = Annotated[Path, typer.Argument(help="The run directory.")]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Machine-readable output.")]
 
@@ -67,39 +78,11 @@ def ls(run_dir: RunDirArg, json_out: JsonOpt = False) -> None:
     with user_errors(ValueError, RuntimeError, OSError):
         store = _open(run_dir)
         metrics = {m["round"]: m for m in store.index.metrics()}
-        rows = []
-        for r in store.index.rounds():
-            m = metrics.get(r["round"], {})
-            rows.append(
-                {
-                    **r,
-                    **{
-                        k: m.get(k)
-                        for k in (
-                            "tokens",
-                            "train_loss",
-                            "eval_loss",
-                            "bytes_up",
-                            "bytes_down",
-                            "silos",
-                            "stragglers",
-                            "rejected",
-                        )
-                    },
-                }
-            )
-        cols = [
-            "round",
-            "status",
-            "tokens",
-            "train_loss",
-            "eval_loss",
-            "bytes_up",
-            "bytes_down",
-            "silos",
-            "stragglers",
-            "rejected",
+        rows = [
+            {**r, **{k: metrics.get(r["round"], {}).get(k) for k in _ROUND_METRICS}}
+            for r in store.index.rounds()
         ]
+        cols = ["round", "status", *_ROUND_METRICS]
         _emit(
             rows, json_out, lambda: _table(f"{run_dir}", cols, [[r[c] for c in cols] for r in rows])
         )

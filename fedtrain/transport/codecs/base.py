@@ -167,6 +167,18 @@ class BlockCodec(Codec):
     def _scale_bytes(bits: torch.Tensor) -> bytes:
         return bits.numpy().astype("<u2").tobytes()
 
+    def _absmax_quantize(
+        self, flat: torch.Tensor, levels: int
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Stored bf16 scale bits per block and integer codes q = round(levels·x/a) in
+        [−levels, levels] (as floats), quantized with the stored (rounded-up) scale a."""
+        x = self._blocks(flat)
+        bits = ceil_to_bf16_bits(self._absmax(x))
+        scale = bf16_bits_to_float(bits)
+        inv = torch.where(scale > 0, levels / scale, torch.zeros_like(scale))
+        q = self._round(x * inv[:, None]).clamp_(-levels, levels)
+        return bits, q.view(-1)[: flat.numel()]
+
     def _round(self, v: torch.Tensor) -> torch.Tensor:
         """Round to integers: nearest, or stochastically (unbiased: E[round(v)] = v)."""
         if not self.stochastic:

@@ -6,8 +6,6 @@ import torch
 
 from fedtrain.transport.codecs.base import (
     BlockCodec,
-    bf16_bits_to_float,
-    ceil_to_bf16_bits,
     pack_nibbles,
     unpack_nibbles,
 )
@@ -20,12 +18,8 @@ class Int4Codec(BlockCodec):
     bits_per_value = 4.0
 
     def encode(self, flat: torch.Tensor) -> bytes:
-        x = self._blocks(flat)
-        bits = ceil_to_bf16_bits(self._absmax(x))
-        scale = bf16_bits_to_float(bits)
-        inv = torch.where(scale > 0, 7.0 / scale, torch.zeros_like(scale))
-        q = self._round(x * inv[:, None]).clamp_(-7, 7).add_(8)  # codes 1..15; 0 unused
-        return self._scale_bytes(bits) + pack_nibbles(q.view(-1)[: flat.numel()])
+        bits, q = self._absmax_quantize(flat, 7)
+        return self._scale_bytes(bits) + pack_nibbles(q.add_(8))  # codes 1..15; 0 unused
 
     def decode(self, data: bytes | memoryview, numel: int) -> torch.Tensor:
         scale, rest = self._split(data, numel)

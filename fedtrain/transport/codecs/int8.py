@@ -6,8 +6,6 @@ import torch
 
 from fedtrain.transport.codecs.base import (
     BlockCodec,
-    bf16_bits_to_float,
-    ceil_to_bf16_bits,
     readonly_tensor,
 )
 
@@ -19,13 +17,8 @@ class Int8Codec(BlockCodec):
     bits_per_value = 8.0
 
     def encode(self, flat: torch.Tensor) -> bytes:
-        x = self._blocks(flat)
-        bits = ceil_to_bf16_bits(self._absmax(x))
-        scale = bf16_bits_to_float(bits)
-        inv = torch.where(scale > 0, 127.0 / scale, torch.zeros_like(scale))
-        q = self._round(x * inv[:, None]).clamp_(-127, 127)
-        values = q.view(-1)[: flat.numel()].to(torch.int8).numpy().tobytes()
-        return self._scale_bytes(bits) + values
+        bits, q = self._absmax_quantize(flat, 127)
+        return self._scale_bytes(bits) + q.to(torch.int8).numpy().tobytes()
 
     def decode(self, data: bytes | memoryview, numel: int) -> torch.Tensor:
         scale, rest = self._split(data, numel)
