@@ -196,7 +196,7 @@ class TrainSection:
         return self.batch_size * self.seq_len * self.grad_accum
 
 
-STRATEGIES = ("diloco", "fedavg", "ddp", "streaming")
+STRATEGIES = ("diloco", "fedavg", "ddp", "streaming", "zo")
 
 
 @dataclass(kw_only=True, slots=True)
@@ -219,6 +219,16 @@ class StrategySection:
     """Streaming: τ, inner steps a fragment's outer result may arrive late (overlap); < H/P."""
     mix_alpha: float = 0.5
     """Streaming: α, the merge θ_p ← α·θ_local + (1−α)·θ_global (0 = take the global)."""
+    zo_samples_per_round: int = 8
+    """ZO: K, projected gradients (one byte each) per silo per round."""
+    zo_eps: float = 1e-3
+    """ZO: ε, the SPSA perturbation size."""
+    zo_lr: float = 1e-3
+    """ZO: η in θ ← θ − (η/N)·Σ ĝ·z."""
+    zo_perturbation: str = "rademacher"
+    """ZO: z distribution, 'rademacher' (device independent) or 'gaussian' (CPU generator)."""
+    zo_trainable: str = ""
+    """ZO: glob of parameter names to tune (e.g. 'tok_emb.*'); empty = all."""
 
     def __post_init__(self) -> None:
         _check(self.fragments >= 1, "strategy.fragments", "an integer >= 1", self.fragments)
@@ -231,6 +241,20 @@ class StrategySection:
         _check(self.delay_steps >= 0, "strategy.delay_steps", "an integer >= 0", self.delay_steps)
         _check(
             0.0 <= self.mix_alpha <= 1.0, "strategy.mix_alpha", "a number in [0, 1]", self.mix_alpha
+        )
+        _check(
+            self.zo_samples_per_round >= 1,
+            "strategy.zo_samples_per_round",
+            "an integer >= 1",
+            self.zo_samples_per_round,
+        )
+        _check(self.zo_eps > 0, "strategy.zo_eps", "a number > 0", self.zo_eps)
+        _check(self.zo_lr > 0, "strategy.zo_lr", "a number > 0", self.zo_lr)
+        _check(
+            self.zo_perturbation in ("rademacher", "gaussian"),
+            "strategy.zo_perturbation",
+            "'rademacher' or 'gaussian'",
+            self.zo_perturbation,
         )
         _check(self.name in STRATEGIES, "strategy.name", f"one of {list(STRATEGIES)}", self.name)
         _check(
@@ -453,6 +477,8 @@ class Config:
             return 1
         if self.strategy.name == "streaming":
             return self.train.inner_steps // self.strategy.fragments
+        if self.strategy.name == "zo":
+            return self.strategy.zo_samples_per_round
         return self.train.inner_steps
 
     def total_inner_steps(self) -> int:

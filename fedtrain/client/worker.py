@@ -19,6 +19,7 @@ from fedtrain.client.trainer import SiloTrainer, StepStats
 from fedtrain.config import TransportSection
 from fedtrain.data.stream import derive_seed
 from fedtrain.strategies.base import Work
+from fedtrain.strategies.zo import ZOEntry, encode_byte, replay, spsa, zo_seed
 from fedtrain.transport.feedback import ErrorFeedback
 from fedtrain.transport.payload import Payload, decode_payload, encode_payload
 
@@ -91,8 +92,64 @@ class SiloWorker:
                 self.feedback.commit()
             else:
                 self.feedback.discard()
-        self.trainer.apply_global_update(update.tensors, alpha=alpha)
+        if update.kind == "broadcast":
+            self._replay(update)
+        else:
+            self.trainer.apply_global_update(update.tensors, alpha=alpha)
         self.last_downlink = update
+
+    def _replay(self, update: Payload) -> None:
+        """Zeroth-order round: replay every silo's one-byte codes (same order everywhere)."""
+        m = update.meta
+        params = [self.trainer.params[n] for n in m["zo_names"]]
+        entries = [
+            ZOEntry(round=update.round, silo=s, sample=k, code=int(c))
+            for s, t in update.tensors.items()
+            for k, c in enumerate(t.tolist())
+        ]
+        replay(
+            params,
+            entries,
+            run_id=self.run_id,
+            lr=float(m["zo_lr"]),
+            scale=float(m["zo_scale"]),
+            kind=str(m["zo_perturbation"]),
+        )
+        with torch.no_grad():
+            for n in m["zo_names"]:
+                self.trainer.anchor[n].copy_(self.trainer.params[n])
+
+    def _zo(self, round: int, work: Work) -> tuple[dict[str, torch.Tensor], StepStats]:
+        """K projected gradients at the current global θ, each coded in one byte."""
+        x = work.extra
+        params = [self.trainer.params[n] for n in x["zo_names"]]
+        model, cfg = self.trainer.model, self.trainer.cfg
+        losses: list[float] = []
+        grads = []
+        for k in range(work.steps):
+            xb, yb = self.trainer.stream.batch(self.trainer.step, 0, cfg.batch_size, cfg.seq_len)
+
+            def loss(xb: torch.Tensor = xb, yb: torch.Tensor = yb) -> float:
+                value = float(model.loss(xb, yb))
+                losses.append(value)
+                return value
+
+            seed = zo_seed(self.run_id, round, self.name, k)
+            grads.append(spsa(params, loss, seed, float(x["zo_eps"]), str(x["zo_perturbation"])))
+            self.trainer.step += 1
+        gen = torch.Generator().manual_seed(derive_seed(self.seed, "zo-sr", self.name, round))
+        codes = encode_byte(
+            torch.tensor(grads, dtype=torch.float64),
+            float(x["zo_scale"]),
+            stochastic=self.transport.stochastic_rounding,
+            generator=gen,
+        )
+        stats = StepStats(
+            steps=work.steps,
+            tokens=work.steps * cfg.batch_size * cfg.seq_len,
+            mean_loss=sum(losses) / max(len(losses), 1),
+        )
+        return {"codes": codes.to(torch.float32)}, stats
 
     def work(
         self,
@@ -108,6 +165,9 @@ class SiloWorker:
                 stats = before.merged(stats)
             tensors = self.trainer.pseudo_gradient(work.names)
             kind = "pseudo_grad"
+        elif work.kind == "zo":
+            tensors, stats = self._zo(round, work)
+            kind = "zo_codes"
         elif work.kind == "grad":
             tensors, stats = self.trainer.gradient()
             if on_step is not None:
@@ -131,10 +191,13 @@ class SiloWorker:
     ) -> bytes:
         t = self.transport
         gen = torch.Generator().manual_seed(derive_seed(self.seed, "sr", self.name, round))
-        send = self.feedback.compensate(tensors) if self.feedback is not None else tensors
+        # One-byte ZO codes travel as they are: exact bytes, no error feedback.
+        exact = kind == "zo_codes"
+        feedback = None if exact else self.feedback
+        send = feedback.compensate(tensors) if feedback is not None else tensors
         payload = encode_payload(
             send,
-            codec=t.codec,
+            codec="code8" if exact else t.codec,
             kind=kind,
             run_id=self.run_id,
             round=round,
@@ -145,8 +208,8 @@ class SiloWorker:
             generator=gen,
             signing_key=self.signing_key,
         )
-        if self.feedback is not None:
-            self.feedback.stage(send, decode_payload(payload).tensors)
+        if feedback is not None:
+            feedback.stage(send, decode_payload(payload).tensors)
         return payload
 
     def state_tensors(self) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:

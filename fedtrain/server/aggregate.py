@@ -15,7 +15,7 @@ class StreamingMean:
         self.total_weight = 0.0
         self.count = 0
 
-    def add(self, tensors: dict[str, torch.Tensor], weight: float) -> None:
+    def add(self, tensors: dict[str, torch.Tensor], weight: float, sender: str = "") -> None:
         """Add ``weight * tensors`` (fp32 accumulation)."""
         if weight < 0:
             raise ValueError(f"aggregation weight must be >= 0, got {weight}")

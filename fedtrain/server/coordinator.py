@@ -25,7 +25,6 @@ from fedtrain.client.trainer import evaluate_loss
 from fedtrain.config import Config
 from fedtrain.data.stream import derive_seed
 from fedtrain.models.llama import Llama
-from fedtrain.server.aggregate import StreamingMean
 from fedtrain.server.closing import close_condition
 from fedtrain.server.engine import Engine
 from fedtrain.server.validate import UpdateRejected, validate_update
@@ -260,7 +259,7 @@ class Coordinator:
         cfg = self.cfg
         timeout = cfg.round.timeout_s
         closer = close_condition(cfg.round)
-        agg = StreamingMean()
+        agg = self.strategy.new_aggregator()
         valid = seen = stragglers = rejected = bytes_up = tokens = 0
         values = decoded_bytes = max_payload = max_values = 0
         loss_sum = loss_w = 0.0
@@ -300,6 +299,7 @@ class Coordinator:
                         kind=self.strategy.reply_kind,
                         params=self.params,
                         names=work[reply.silo].names,
+                        shapes=work[reply.silo].extra.get("shapes"),
                     )
                 except (PayloadError, UpdateRejected) as e:
                     rejected += 1
@@ -319,7 +319,7 @@ class Coordinator:
                 )
                 continue
             w = self.strategy.weight(payload.meta)
-            agg.add(payload.tensors, w)
+            agg.add(payload.tensors, w, sender=reply.silo)
             self.store.store_update(
                 rnd,
                 reply.silo,
@@ -383,6 +383,21 @@ class Coordinator:
     @torch.no_grad()
     def _outer_step(self, rnd: int, mean: dict[str, torch.Tensor], accepted: list[str]) -> bytes:
         """Outer step, then replace θ by θ_old + δ̂ (the decoded broadcast update)."""
+        codec = self.strategy.broadcast_codec
+        if codec is not None:
+            # The round's replies ARE the broadcast; every party applies them itself.
+            with torch.enable_grad():
+                self.strategy.step(mean, rnd)
+            downlink = self._encode(
+                mean,
+                "broadcast",
+                rnd,
+                codec,
+                meta={"accepted": accepted, **self.strategy.broadcast(rnd)},
+            )
+            self.totals.values_down += sum(v.numel() for v in mean.values())
+            self.totals.payload_bytes_down += len(downlink)
+            return downlink
         names = self.strategy.update_names(rnd) or list(self.params)
         old = {n: self.params[n].detach().clone() for n in names}
         with torch.enable_grad():

@@ -22,6 +22,7 @@ def validate_update(
     kind: str,
     params: dict[str, torch.nn.Parameter],
     names: list[str] | None = None,
+    shapes: dict[str, list[int]] | None = None,
 ) -> None:
     """Raise :class:`UpdateRejected` unless ``payload`` is this silo's finite ``round`` update."""
     if payload.run_id != run_id:
@@ -37,7 +38,8 @@ def validate_update(
         extra, missing = sorted(got - want)[:3], sorted(want - got)[:3]
         raise UpdateRejected(f"parameter names differ (unexpected {extra}, missing {missing})")
     for name, t in payload.tensors.items():
-        if t.shape != params[name].shape:
-            raise UpdateRejected(f"{name}: shape {tuple(t.shape)} != {tuple(params[name].shape)}")
+        want_shape = tuple(shapes[name]) if shapes and name in shapes else tuple(params[name].shape)
+        if tuple(t.shape) != want_shape:
+            raise UpdateRejected(f"{name}: shape {tuple(t.shape)} != {want_shape}")
         if not bool(torch.isfinite(t).all()):
             raise UpdateRejected(f"{name}: contains NaN or infinite values")

@@ -157,7 +157,7 @@ def build_simulation(
         return build_model(shape, vocab, cfg.run.seed, tie=cfg.model.tie_embeddings)
 
     model = factory()
-    strategy = build_strategy(cfg, dict(model.named_parameters()))
+    strategy = build_strategy(cfg, dict(model.named_parameters()), run_id=run_id)
     progress = RunProgress(quiet=quiet, silos=cfg.data.silos, rounds=expected_rounds(cfg))
     engine = InProcessEngine(
         cfg, run_id, data.silo_tokens, factory, on_step=progress.step, step_time_s=step_time_s

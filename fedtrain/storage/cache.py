@@ -169,6 +169,8 @@ class MetadataCache:
             self._insert(("update", rnd, row["silo"]), upd)
             self.stats.prefetched += 1
             flat = flatten(upd)
+            if flat.numel() != agg_flat.numel():
+                continue  # not a model-shaped update (e.g. zeroth-order codes)
             cos = torch.nn.functional.cosine_similarity(flat, agg_flat, dim=0).item()
             self.stats.scalars[(rnd, row["silo"])] = {
                 "norm": flat.norm().item(),

@@ -21,7 +21,9 @@ __all__ = [
 ]
 
 
-def build_strategy(cfg: Config, params: dict[str, torch.nn.Parameter]) -> Strategy:
+def build_strategy(
+    cfg: Config, params: dict[str, torch.nn.Parameter], run_id: str = ""
+) -> Strategy:
     """The strategy named by ``cfg.strategy.name`` over the global ``params``."""
     s = cfg.strategy
     if s.name == "diloco":
@@ -50,6 +52,18 @@ def build_strategy(cfg: Config, params: dict[str, torch.nn.Parameter]) -> Strate
             momentum=s.outer_momentum,
             nesterov=s.nesterov,
             weighting=s.weighting,
+        )
+    if s.name == "zo":
+        from fedtrain.strategies.zo import ZerothOrder
+
+        return ZerothOrder(
+            params,
+            run_id=run_id,
+            samples=s.zo_samples_per_round,
+            lr=s.zo_lr,
+            eps=s.zo_eps,
+            perturbation=s.zo_perturbation,
+            trainable=s.zo_trainable,
         )
     if s.name == "ddp":
         return DataParallel(params, train=cfg.train, total_steps=cfg.total_inner_steps())

@@ -48,6 +48,20 @@ class Strategy(ABC):
     def plan(self, round: int, silos: list[str], steps: int) -> dict[str, Work]:
         """Work for each silo this round; ``steps`` is the remaining inner-step allowance."""
 
+    broadcast_codec: str | None = None
+    """When set, the round's broadcast is the collected replies in this codec (not θ's update);
+    every party applies them itself (see :meth:`broadcast`)."""
+
+    def new_aggregator(self) -> Any:
+        """How replies are combined; default: the streaming weighted mean."""
+        from fedtrain.server.aggregate import StreamingMean
+
+        return StreamingMean()
+
+    def broadcast(self, round: int) -> dict[str, Any]:
+        """Metadata for a ``broadcast_codec`` broadcast."""
+        return {}
+
     def update_names(self, round: int) -> list[str] | None:
         """Parameters the outer step of ``round`` changes (None = all): only they are broadcast."""
         return None

@@ -10,15 +10,23 @@ seeds, directions, the one-byte code, SPSA with exact restore, and replay.
 
 from __future__ import annotations
 
+import fnmatch
 import hashlib
 import math
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
+from fedtrain.strategies.base import Strategy, Work
+
 __all__ = [
     "MAX_RELATIVE_ERROR",
+    "CodeCollector",
+    "ZerothOrder",
+    "catch_up",
+    "next_scale",
     "ZOEntry",
     "decode_byte",
     "direction",
@@ -171,3 +179,143 @@ def replay(
         seed = zo_seed(run_id, e.round, e.silo, e.sample)
         for i, p in enumerate(params):
             p.add_(direction(seed, i, p.numel(), kind).view_as(p), alpha=-lr * g / n)
+
+
+class CodeCollector:
+    """Aggregation for ZO rounds: keep each silo's codes (K bytes), not a mean."""
+
+    def __init__(self) -> None:
+        self.codes: dict[str, torch.Tensor] = {}
+        self.total_weight = 0.0
+        self.count = 0
+
+    def add(self, tensors: dict[str, torch.Tensor], weight: float, sender: str = "") -> None:
+        self.codes[sender] = tensors["codes"].detach().clone()
+        self.total_weight += weight
+        self.count += 1
+
+    @property
+    def buffer_bytes(self) -> int:
+        return sum(t.numel() for t in self.codes.values())
+
+    def mean(self) -> dict[str, torch.Tensor] | None:
+        return dict(self.codes) if self.codes else None
+
+
+class ZerothOrder(Strategy):
+    """One-byte projected gradients per silo and sample; every party replays the round."""
+
+    name = "zo"
+    reply_kind = "zo_codes"
+    broadcast_codec = "code8"
+
+    def __init__(
+        self,
+        params: dict[str, torch.nn.Parameter],
+        *,
+        run_id: str,
+        samples: int,
+        lr: float,
+        eps: float,
+        perturbation: str = "rademacher",
+        trainable: str = "",
+    ) -> None:
+        super().__init__(params)
+        names = sorted(n for n in params if not trainable or fnmatch.fnmatch(n, trainable))
+        if not names:
+            raise ValueError(f"strategy.zo_trainable {trainable!r} matches no parameter")
+        self.names = names
+        self.run_id = run_id
+        self.samples = samples
+        self.lr = lr
+        self.eps = eps
+        self.perturbation = perturbation
+        self.scale = 1.0
+        self._round_scale = 1.0
+
+    def plan(self, round: int, silos: list[str], steps: int) -> dict[str, Work]:
+        extra = {
+            "shapes": {"codes": [self.samples]},
+            "zo_eps": self.eps,
+            "zo_scale": self.scale,
+            "zo_perturbation": self.perturbation,
+            "zo_names": self.names,
+        }
+        return {
+            s: Work(kind="zo", steps=self.samples, names=["codes"], extra=dict(extra))
+            for s in silos
+        }
+
+    def new_aggregator(self) -> CodeCollector:
+        return CodeCollector()
+
+    def weight(self, meta: dict[str, Any]) -> float:
+        return 1.0
+
+    def entries(self, round: int, codes: dict[str, torch.Tensor]) -> list[ZOEntry]:
+        return [
+            ZOEntry(round=round, silo=s, sample=k, code=int(c))
+            for s, t in codes.items()
+            for k, c in enumerate(t.tolist())
+        ]
+
+    def step(self, mean_update: dict[str, torch.Tensor], round: int) -> None:
+        self._round_scale = self.scale
+        entries = self.entries(round, mean_update)
+        replay(
+            [self.params[n] for n in self.names],
+            entries,
+            run_id=self.run_id,
+            lr=self.lr,
+            scale=self.scale,
+            kind=self.perturbation,
+        )
+        self.scale = next_scale([e.code for e in entries], self.scale)
+
+    def broadcast(self, round: int) -> dict[str, Any]:
+        """Metadata silos need to replay this round (scale used, lr, perturbation, names)."""
+        return {
+            "zo_lr": self.lr,
+            "zo_scale": self._round_scale,
+            "zo_perturbation": self.perturbation,
+            "zo_names": self.names,
+        }
+
+    def state_tensors(self) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+        return {}, {"scale": self.scale}
+
+    def load_state_tensors(self, tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> None:
+        self.scale = float(meta["scale"])
+
+
+def next_scale(codes: Iterable[int], scale: float) -> float:
+    """The next round's code scale: median decoded magnitude of this round's codes (every
+    party has them, so every party computes the same value); unchanged if all are zero."""
+    mags = decode_byte(torch.tensor(list(codes), dtype=torch.int8), scale).abs()
+    mags = mags[mags > 0]
+    return float(mags.median()) if mags.numel() else scale
+
+
+@torch.no_grad()
+def catch_up(
+    params: list[torch.nn.Parameter],
+    rounds: Iterable[dict[str, torch.Tensor]],
+    *,
+    first_round: int,
+    run_id: str,
+    lr: float,
+    scale: float = 1.0,
+    kind: str = "rademacher",
+) -> float:
+    """Bring a replica forward by replaying logged rounds (each: silo -> its codes), starting at
+    ``first_round`` with that round's ``scale``; returns the scale for the round after."""
+    for offset, codes in enumerate(rounds):
+        rnd = first_round + offset
+        entries = [
+            ZOEntry(round=rnd, silo=s, sample=k, code=int(c))
+            for s, t in codes.items()
+            for k, c in enumerate(t.tolist())
+        ]
+        replay(params, entries, run_id=run_id, lr=lr, scale=scale, kind=kind)
+        scale = next_scale([e.code for e in entries], scale)
+    return scale

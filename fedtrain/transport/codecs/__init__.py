@@ -6,6 +6,7 @@ import torch
 
 from fedtrain.transport.codecs.base import Codec
 from fedtrain.transport.codecs.bf16 import Bf16Codec
+from fedtrain.transport.codecs.code8 import Code8Codec
 from fedtrain.transport.codecs.fp4 import Fp4Codec
 from fedtrain.transport.codecs.fp32 import Fp32Codec
 from fedtrain.transport.codecs.int4 import Int4Codec
@@ -21,6 +22,7 @@ CODECS: dict[str, type[Codec]] = {
     "int4": Int4Codec,
     "fp4-e2m1": Fp4Codec,
     "sign1": Sign1Codec,
+    "code8": Code8Codec,  # internal: zeroth-order one-byte codes
 }
 
 
