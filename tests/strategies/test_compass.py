@@ -1,0 +1,94 @@
+"""FedCompass scheduling: Q bounds, arrival alignment, speed ordering, staleness, idle time."""
+
+from __future__ import annotations
+
+import heapq
+
+import pytest
+
+from fedtrain.strategies.compass import CompassScheduler, staleness_weight
+
+
+def test_speed_is_an_ema_of_seconds_per_step():
+    s = CompassScheduler()
+    assert s.observe("a", 10.0, 10) == 1.0
+    assert s.observe("a", 30.0, 10) == pytest.approx(0.9 * 1.0 + 0.1 * 3.0)
+
+
+def test_joining_silo_gets_bounded_q_and_finishes_within_one_step_of_t_e():
+    s = CompassScheduler(q_min=20, q_max=100)
+    s.observe("slow", 4.0, 1)
+    s.observe("fast", 1.0, 1)
+    first = s.assign("slow", now=0.0)  # opens a group: Q_max, T_e = 400
+    assert first.steps == 100 and first.finish == 400.0
+    late = s.assign("fast", now=150.0)  # can meet T_e = 400 with Q = 250 -> clipped to 100
+    assert late.group == first.group and late.steps == 100
+    joiner = s.assign("fast", now=330.0)  # Q = floor(70/1) = 70 within bounds
+    assert joiner.group == first.group and 20 <= joiner.steps <= 100
+    assert 0 <= s.groups[first.group].expected - joiner.finish < 1.0  # within one step
+
+
+def test_no_group_fits_opens_a_new_one_with_q_max():
+    s = CompassScheduler(q_min=20, q_max=100)
+    s.observe("a", 1.0, 1)
+    s.observe("b", 1.0, 1)
+    g1 = s.assign("a", now=0.0)
+    g2 = s.assign("b", now=95.0)  # only 5 steps left before T_e = 100 < Q_min
+    assert g2.group != g1.group and g2.steps == 100
+    assert s.groups[g2.group].latest == pytest.approx(95.0 + 1.5 * 100)
+
+
+@pytest.mark.parametrize("now", [0.0, 37.5, 120.0])
+def test_faster_silo_gets_at_least_the_slower_ones_q(now):
+    s = CompassScheduler(q_min=5, q_max=1000)
+    s.observe("anchor", 10.0, 1)
+    s.assign("anchor", now=0.0)  # a group expected at 10,000
+    for name, v in (("fast", 1.0), ("slow", 3.0)):
+        s.observe(name, v, 1)
+    assert s.assign("fast", now).steps >= s.assign("slow", now).steps
+
+
+def test_staleness_weights():
+    assert staleness_weight(0) == 1.0
+    assert staleness_weight(3) == 0.5
+    with pytest.raises(ValueError):
+        staleness_weight(-1)
+
+
+def _idle_fraction(speeds: dict[str, float], compass: bool, horizon: float) -> float:
+    """Event simulation on a virtual clock: fraction of silo time spent waiting."""
+    sched = CompassScheduler(q_min=10, q_max=40)
+    busy = dict.fromkeys(speeds, 0.0)
+    if not compass:  # synchronous rounds of Q_max steps: everyone waits for the slowest
+        t = 0.0
+        while t < horizon:
+            for k, v in speeds.items():
+                busy[k] += 40 * v
+            t += 40 * max(speeds.values())
+        return 1 - sum(busy.values()) / (len(speeds) * t)
+    for k, v in speeds.items():
+        sched.observe(k, v, 1)
+    events, waiting, t = [], {}, 0.0
+    for k in speeds:
+        a = sched.assign(k, 0.0)
+        busy[k] += a.steps * speeds[k]
+        heapq.heappush(events, (a.finish, k, a.group))
+    while events and t < horizon:
+        t, k, gid = heapq.heappop(events)
+        waiting[k] = t
+        g = sched.groups[gid]
+        if sched.arrive(k, gid) or t >= g.latest:
+            sched.close(gid)
+            for m in g.arrived:  # members get new work as the group aggregates
+                a = sched.assign(m, t)
+                busy[m] += a.steps * speeds[m]
+                heapq.heappush(events, (a.finish, m, a.group))
+    return 1 - sum(busy.values()) / (len(speeds) * t)
+
+
+def test_idle_fraction_drops_versus_synchronous_rounds():
+    speeds = {"x1": 1.0, "x2": 2.0, "x4": 4.0}
+    sync = _idle_fraction(speeds, compass=False, horizon=2000)
+    compass = _idle_fraction(speeds, compass=True, horizon=2000)
+    assert sync == pytest.approx(1 - (1 + 2 + 4) / (3 * 4))  # 41.7% idle, by hand
+    assert compass < sync / 2
