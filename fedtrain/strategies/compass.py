@@ -67,8 +67,10 @@ class CompassScheduler:
         for g in self.groups.values():
             if g.expected <= now or g.arrived:
                 continue  # past, or already aggregating
-            q = min(math.floor((g.expected - now) / v), self.q_max)
-            if q >= self.q_min and (best is None or q > best[0]):
+            q = math.floor((g.expected - now) / v)
+            # Only groups it can meet with Q in [Q_min, Q_max]: a larger Q would mean arriving
+            # early and idling, a smaller one too little work.
+            if self.q_min <= q <= self.q_max and (best is None or q > best[0]):
                 best = (q, g)
         if best is None:
             q = self.q_max
