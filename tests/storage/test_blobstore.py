@@ -13,9 +13,11 @@ from fedtrain.storage.blobstore import BlobCorrupted, BlobMissing, BlobStore
 from fedtrain.storage.index import RunIndex
 from fedtrain.storage.runstore import RunStore
 
+CONTRACT_DATA = b"federated" * 1000
 
-def run_contract(store: BlobStore) -> None:
-    data = b"federated" * 1000
+
+def run_contract(store: BlobStore) -> str:
+    data = CONTRACT_DATA
     blob = store.put(data)
     assert blob == hashlib.sha256(data).hexdigest()  # content addressed
     assert store.exists(blob) and store.get(blob) == data
@@ -34,18 +36,20 @@ def run_contract(store: BlobStore) -> None:
         store.get("0" * 64)
     store.delete(empty)
     assert not store.exists(empty)
+    return blob
 
 
-def test_file_backend(tmp_path):
-    run_contract(BlobStore(f"file://{tmp_path}/blobs"))
-
-
-def test_local_path_backend(tmp_path):
-    run_contract(BlobStore(str(tmp_path / "blobs")))
-
-
-def test_memory_backend():
-    run_contract(BlobStore(f"memory://fedtrain-{uuid.uuid4().hex}"))
+@pytest.mark.parametrize(
+    "url",
+    ["file://{tmp}/blobs", "{tmp}/blobs", "memory://fedtrain-{uid}"],
+    ids=["file", "path", "memory"],
+)
+def test_backend_contract(url, tmp_path):
+    store = BlobStore(url.format(tmp=tmp_path, uid=uuid.uuid4().hex))
+    blob = run_contract(store)
+    # After the contract: the repaired blob is intact and nothing is left in tmp/.
+    assert store.get(blob) == CONTRACT_DATA
+    assert store.fs.ls(f"{store.root}/tmp", detail=False) == []
 
 
 def test_run_store_on_memory_backend_round_trips_tensors(tmp_path):

@@ -8,7 +8,14 @@ import pytest
 import torch
 
 from fedtrain.config import TransportSection
-from fedtrain.transport import CODECS, PayloadError, decode_payload, encode_payload, get_codec
+from fedtrain.transport import (
+    CODECS,
+    Payload,
+    PayloadError,
+    decode_payload,
+    encode_payload,
+    get_codec,
+)
 from fedtrain.transport.codecs.base import bf16_bits_to_float, ceil_to_bf16_bits
 from fedtrain.transport.codecs.fp4 import E2M1_GRID
 
@@ -20,7 +27,7 @@ def _x(n: int, seed: int = 0, scale: float = 1.0) -> torch.Tensor:
 
 
 # ------------------------------------------------------------------------------ contract
-def run_contract(name: str) -> None:
+def run_contract(name: str) -> Payload:
     """What every codec must satisfy; a new codec is added to CODECS and passes this."""
     for block in (1, 7, 64):
         codec = get_codec(name, block_size=block)
@@ -46,11 +53,13 @@ def run_contract(name: str) -> None:
     corrupted[-1] ^= 0x10
     with pytest.raises(PayloadError, match="checksum"):
         decode_payload(bytes(corrupted))
+    return p
 
 
 @pytest.mark.parametrize("name", ALL)
 def test_codec_contract(name):
-    run_contract(name)
+    p = run_contract(name)
+    assert p.codec == name and set(p.tensors) == {"w", "odd", "empty"}
 
 
 def test_config_codec_names_match_the_registry():
@@ -91,23 +100,15 @@ def test_bf16_scale_is_rounded_up():
 
 
 @pytest.mark.parametrize("block", [32, 64])
-def test_int8_elementwise_bound(block):
-    x = _x(50_001, scale=5.0)
-    y = get_codec("int8", block_size=block).roundtrip(x)
+@pytest.mark.parametrize("name, levels", [("int8", 127), ("int4", 7)])
+def test_absmax_elementwise_bound_and_grid(name, levels, block):
+    # q = round(levels·x/a), x̂ = q·a/levels: |x − x̂| ≤ a/(2·levels) (a/254 int8, a/14 int4).
+    x = _x(50_001, seed=levels, scale=5.0)
+    y = get_codec(name, block_size=block).roundtrip(x)
     a = _stored_scales(x, block)
-    assert ((x - y).abs() <= a / 254 * (1 + 1e-6)).all()
-    q = y / (a / 127)
-    assert torch.allclose(q, q.round(), atol=1e-3)  # on the grid q·a/127
-
-
-@pytest.mark.parametrize("block", [32, 64])
-def test_int4_elementwise_bound_and_grid(block):
-    x = _x(50_001, seed=1)
-    y = get_codec("int4", block_size=block).roundtrip(x)
-    a = _stored_scales(x, block)
-    assert ((x - y).abs() <= a / 14 * (1 + 1e-6)).all()
-    q = y / (a / 7)
-    assert torch.allclose(q, q.round(), atol=1e-4) and q.abs().max() <= 7 + 1e-4
+    assert ((x - y).abs() <= a / (2 * levels) * (1 + 1e-6)).all()
+    q = y / (a / levels)
+    assert torch.allclose(q, q.round(), atol=1e-3) and q.abs().max() <= levels + 1e-3
 
 
 def test_fp4_e2m1_bound_and_grid():
