@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import typer
 
+from fedtrain.cli import deploy as deploy_cmd
 from fedtrain.cli import simulate as simulate_cmd
 from fedtrain.cli import store as store_cmd
 
@@ -17,6 +18,9 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
 )
 app.command("simulate")(simulate_cmd.simulate)
+app.command("server")(deploy_cmd.server)
+app.command("client")(deploy_cmd.client)
+app.add_typer(deploy_cmd.keys_app, name="keys")
 app.add_typer(store_cmd.app, name="store")
 
 

@@ -112,3 +112,44 @@ def prepare_data(cfg: Config, out_dir: Path) -> PreparedData:
         eval_batch=batch,
         unigram_eval_loss=unigram,
     )
+
+
+@dataclass(slots=True)
+class SiloData:
+    """What a deployed silo trains and evaluates on."""
+
+    tokens: torch.Tensor
+    """Training tokens (int32)."""
+    heldout: torch.Tensor
+    """Held-out windows ``(N, seq_len + 1)`` the silo reports its own loss on."""
+    source: str
+    """Where the text came from (for logs)."""
+
+
+def silo_data(cfg: Config, silo: str, tok: Tokenizer, data: str | None = None) -> SiloData:
+    """A deployed silo's data: ``data`` (its own text: path, glob or fsspec URL), else the
+    config's ``[data.silo_data]`` entry, else its share of the public corpus — the same tokens the
+    in-process simulation gives that silo.
+
+    Held out: the last 5% of the silo's own text, or the public eval split when the silo
+    trains on the public corpus (its own share is all training data there).
+    """
+    names = cfg.silo_names()
+    if silo not in names:
+        raise ValueError(f"silo {silo!r} is not in this run (silos: {', '.join(names)})")
+    url = data or cfg.data.silo_data.get(silo)
+    seq = cfg.train.seq_len
+    if url is not None:
+        tokens = tokenize_documents(tok, read_text_documents([url]))
+        cut = tokens.numel() - max(tokens.numel() // 20, seq + 1)
+        if cut < seq + 2:
+            raise ValueError(f"silo {silo}: {url} holds only {tokens.numel()} tokens")
+        heldout = eval_windows(tokens[cut:], max(1, cfg.run.eval_batches // 4), seq)
+        return SiloData(tokens=tokens[:cut], heldout=heldout, source=url)
+    part = partition_documents(
+        _corpus(cfg), cfg.data.silos, cfg.data.split, cfg.data.eval_fraction, cfg.run.seed
+    )
+    tokens = tokenize_documents(tok, part.silo_docs[names.index(silo)])
+    eval_tokens = tokenize_documents(tok, part.eval_docs)
+    heldout = eval_windows(eval_tokens, max(1, cfg.run.eval_batches // 4), seq)
+    return SiloData(tokens=tokens, heldout=heldout, source=f"public corpus ({cfg.data.corpus})")

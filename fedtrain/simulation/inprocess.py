@@ -181,3 +181,9 @@ class InProcessEngine:
 
     def sim_time_s(self) -> float | None:
         return round(self.clock.now, 6)
+
+    def utilisation(self) -> float | None:
+        """Mean over silos of compute time / elapsed virtual time."""
+        if not self.clock.now:
+            return None
+        return sum(self.compute_s.values()) / len(self.compute_s) / self.clock.now

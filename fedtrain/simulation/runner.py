@@ -8,6 +8,7 @@ import os
 import platform
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -26,7 +27,7 @@ from fedtrain.simulation.progress import RunProgress
 from fedtrain.storage.cache import MetadataCache
 from fedtrain.storage.plots import plot_metrics
 from fedtrain.storage.rundir import RunDir
-from fedtrain.storage.runstore import RunStore
+from fedtrain.storage.runstore import NoCheckpoint, RunStore
 from fedtrain.strategies import build_strategy
 
 __all__ = [
@@ -72,7 +73,8 @@ class Simulation:
     config_sha256: str
     data: PreparedData
     model: Llama
-    engine: InProcessEngine
+    engine: Any
+    """The engine: :class:`InProcessEngine` here, the Flower engine in a deployment."""
     coordinator: Coordinator
     progress: RunProgress
     started: float
@@ -119,8 +121,15 @@ def build_simulation(
     quiet: bool = False,
     step_time_s: float | None = None,
     resume: bool = False,
+    make_engine: Callable[[PreparedData, Llama, str], Any] | None = None,
+    public_keys: dict[str, Any] | None = None,
 ) -> Simulation:
-    """Prepare data, model, strategy, engine and coordinator for ``cfg`` (no training yet)."""
+    """Prepare data, model, strategy, engine and coordinator for ``cfg`` (no training yet).
+
+    ``make_engine(data, model, run_id)`` replaces the in-process engine (a deployment passes its
+    Flower engine, whose silos keep their own state: resuming then needs no silo checkpoints,
+    and ``public_keys`` are the silos' update-signing keys).
+    """
     sha = config_sha256(cfg)
     run_id = f"{cfg.run.name}-{sha[:12]}"
     if resume:
@@ -139,8 +148,14 @@ def build_simulation(
     if resume:
         if store.index.get_meta("config_sha256") != sha:
             raise NoRunToResume(f"{run_dir}: config differs from the one the run started with")
-        stored = store.latest_state(require_silos=True)
-        step_time_s = stored.state["engine"].get("measured_step_time_s") or step_time_s
+        try:
+            stored = store.latest_state(require_silos=make_engine is None)
+        except NoCheckpoint:
+            if make_engine is None:
+                raise
+            stored = None  # a deployment killed before its first commit starts over
+        if stored is not None:
+            step_time_s = stored.state["engine"].get("measured_step_time_s") or step_time_s
     else:
         _write_config(run, cfg)
         store.index.set_meta("config_sha256", sha)
@@ -159,9 +174,14 @@ def build_simulation(
     model = factory()
     strategy = build_strategy(cfg, dict(model.named_parameters()), run_id=run_id)
     progress = RunProgress(quiet=quiet, silos=cfg.data.silos, rounds=expected_rounds(cfg))
-    engine = InProcessEngine(
-        cfg, run_id, data.silo_tokens, factory, on_step=progress.step, step_time_s=step_time_s
-    )
+    engine: Any
+    if make_engine is None:
+        engine = InProcessEngine(
+            cfg, run_id, data.silo_tokens, factory, on_step=progress.step, step_time_s=step_time_s
+        )
+        public_keys = engine.public_keys
+    else:
+        engine = make_engine(data, model, run_id)
     coord = Coordinator(
         cfg=cfg,
         run_id=run_id,
@@ -172,7 +192,7 @@ def build_simulation(
         eval_batch=data.eval_batch,
         on_round=progress.round_done,
         on_round_start=progress.round_start,
-        public_keys=engine.public_keys,
+        public_keys=public_keys,
     )
     if stored is not None:
         coord.restore(stored)
@@ -247,13 +267,9 @@ def _execute(sim: Simulation) -> dict[str, Any]:
         "rejected": totals.rejected,
         "max_buffer_bytes": totals.max_buffer_bytes,
         "sim_time_s": engine.sim_time_s(),
-        "measured_step_time_s": engine.measured_step_time_s,
+        "measured_step_time_s": getattr(engine, "measured_step_time_s", None),
         "silo_compute_s": engine.compute_s,
-        "compute_utilisation": (
-            sum(engine.compute_s.values()) / len(engine.compute_s) / engine.clock.now
-            if engine.clock.now
-            else None
-        ),
+        "compute_utilisation": engine.utilisation(),
         "max_payload_bytes": totals.max_payload_bytes,
         "peak_reduction_vs_full_model": (
             n_params / totals.max_payload_values if totals.max_payload_values else None

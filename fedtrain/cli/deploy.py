@@ -1,0 +1,135 @@
+"""``fedtrain server``, ``fedtrain client`` and ``fedtrain keys``: a real deployment on Flower."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from fedtrain.cli.errors import user_errors
+
+__all__ = ["client", "keys_app", "server"]
+
+
+def server(
+    config: Annotated[
+        Optional[Path],
+        typer.Option("--config", "-c", help="Run config (TOML). Default: the packaged deploy example."),
+    ] = None,
+    address: Annotated[
+        str, typer.Option("--address", help="Public HOST:PORT silos connect to (Fleet API only).")
+    ] = "0.0.0.0:9092",
+    tls_dir: Annotated[
+        Optional[Path],
+        typer.Option("--tls-dir", help="Directory from `fedtrain keys init`: TLS + node auth on."),
+    ] = None,
+    run_dir: Annotated[
+        Optional[Path],
+        typer.Option("--run-dir", help="Run directory (default runs/<name>); reused = resumed."),
+    ] = None,
+    set_: Annotated[
+        Optional[list[str]], typer.Option("--set", help="Override a config key (repeatable).")
+    ] = None,
+    join_timeout: Annotated[
+        float, typer.Option("--join-timeout", help="Seconds to wait for every silo to join.")
+    ] = 600.0,
+) -> None:
+    """Coordinate a federated run: SuperLink, fleet-only proxy, and the fedtrain ServerApp."""
+    with user_errors(ValueError, RuntimeError, OSError):
+        from fedtrain.server.launcher import ServerOptions, run_server
+
+        logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+        opts = ServerOptions(
+            config=config,
+            run_dir=run_dir,
+            address=address,
+            tls_dir=tls_dir,
+            overrides=tuple(set_ or []),
+            join_timeout_s=join_timeout,
+        )
+        rc = run_server(opts)
+    if rc:
+        raise typer.Exit(rc)
+
+
+def client(
+    silo: Annotated[str, typer.Option("--silo", help="This silo's name in the run (e.g. silo0).")],
+    server_address: Annotated[
+        str, typer.Option("--server", help="The coordinator's HOST:PORT.")
+    ],
+    data: Annotated[
+        Optional[str],
+        typer.Option("--data", help="This silo's own text: path, glob or fsspec URL."),
+    ] = None,
+    nproc: Annotated[
+        int, typer.Option("--nproc", help="Local processes (GPUs) the model is sharded over.")
+    ] = 1,
+    work_dir: Annotated[
+        Optional[Path],
+        typer.Option("--work-dir", help="Silo state and logs (default ./fedtrain-silo-NAME)."),
+    ] = None,
+    tls_ca: Annotated[
+        Optional[Path], typer.Option("--tls-ca", help="The run's CA certificate (TLS on).")
+    ] = None,
+    auth_key: Annotated[
+        Optional[Path],
+        typer.Option("--auth-key", help="EC private key for Flower node authentication."),
+    ] = None,
+    signing_key: Annotated[
+        Optional[Path],
+        typer.Option("--signing-key", help="Ed25519 private key that signs this silo's updates."),
+    ] = None,
+    threads: Annotated[
+        int, typer.Option("--threads", help="Torch threads per process (0: cores / nproc).")
+    ] = 0,
+) -> None:
+    """Join a run as a silo: the trainer daemon (torchrun, FSDP) and a Flower SuperNode."""
+    with user_errors(ValueError, RuntimeError, OSError):
+        from fedtrain.client.launcher import ClientOptions, run_client
+
+        rc = run_client(
+            ClientOptions(
+                silo=silo,
+                server=server_address,
+                data=data,
+                nproc=nproc,
+                work_dir=work_dir,
+                tls_ca=tls_ca,
+                auth_key=auth_key,
+                signing_key=signing_key,
+                threads=threads,
+            )
+        )
+    if rc:
+        raise typer.Exit(rc)
+
+
+keys_app = typer.Typer(help="Certificates and keys for a deployment.", no_args_is_help=True)
+
+
+@keys_app.command("init")
+def keys_init(
+    directory: Annotated[Path, typer.Argument(help="Where to write the keys.")],
+    silo: Annotated[
+        list[str], typer.Option("--silo", help="A silo to make keys for (repeatable).")
+    ],
+    san: Annotated[
+        Optional[list[str]],
+        typer.Option("--san", help="Host name or IP silos use to reach the coordinator."),
+    ] = None,
+    days: Annotated[int, typer.Option("--days", help="Certificate validity.")] = 365,
+) -> None:
+    """Create a CA, the SuperLink certificate and per-silo auth and signing keys."""
+    with user_errors(ValueError, OSError):
+        from fedtrain.transport.keys import init_keys
+
+        files = init_keys(directory, list(san or []), list(silo), days)
+        typer.echo(f"wrote {len(files)} files to {directory}")
+        typer.echo(f"  coordinator: fedtrain server --tls-dir {directory} ...")
+        for s in silo:
+            typer.echo(
+                f"  silo {s}: --tls-ca {directory}/ca.crt --auth-key {directory}/silos/{s}/auth_key"
+                f" --signing-key {directory}/silos/{s}/sign_key"
+            )

@@ -1,0 +1,36 @@
+"""The silo's Flower ClientApp: a mailbox between the SuperNode and the trainer daemon.
+
+Flower starts this app in a fresh process for every message, so it holds no state and imports
+no torch: it forwards the message's header and payload bytes to the daemon's Unix socket (named
+in the SuperNode's ``--node-config``: ``silo`` and ``socket``) and returns the daemon's reply.
+"""
+
+from __future__ import annotations
+
+from flwr.app import Context, Message
+from flwr.clientapp import ClientApp
+
+from fedtrain.client.localapi import LocalAPIError, request
+from fedtrain.transport.records import from_content, to_content
+
+__all__ = ["app"]
+
+app = ClientApp()
+
+
+@app.train()
+def forward(msg: Message, context: Context) -> Message:
+    silo = str(context.node_config.get("silo", "?"))
+    path = context.node_config.get("socket")
+    try:
+        header, blobs = from_content(msg.content)
+    except ValueError as e:
+        return Message(to_content({"status": "error", "silo": silo, "reason": str(e)}, {}), reply_to=msg)
+    if not path:
+        reply = {"status": "error", "silo": silo, "reason": "node config has no 'socket'"}
+        return Message(to_content(reply, {}), reply_to=msg)
+    try:
+        reply, out = request(str(path), header, blobs)
+    except LocalAPIError as e:
+        reply, out = {"status": "error", "silo": silo, "reason": str(e)}, {}
+    return Message(to_content(reply, out), reply_to=msg)

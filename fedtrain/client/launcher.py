@@ -1,0 +1,160 @@
+"""``fedtrain client --silo NAME --server HOST:PORT``: a silo's processes.
+
+1. The trainer daemon: ``torchrun --standalone --nproc-per-node N -m fedtrain.client.daemon``
+   (FSDP2 over N local processes; gloo on CPU), listening on a Unix socket in the work dir.
+2. A ``flower-supernode`` connected to the coordinator, whose ``--node-config`` names the silo
+   and the daemon's socket; its ClientApp (:mod:`fedtrain.client.app`) is the mailbox.
+
+Both are watched: if one exits the other is stopped and the command fails with the tail of its
+log. Ctrl-C stops both. The daemon's state lives in the work dir, so starting the command again
+resumes where the silo was.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from fedtrain.server.children import Children, Stop, free_port, install_stop_handlers, tail
+
+__all__ = ["ClientOptions", "run_client"]
+
+
+@dataclass(slots=True)
+class ClientOptions:
+    silo: str
+    server: str
+    data: str | None = None
+    nproc: int = 1
+    work_dir: Path | None = None
+    tls_ca: Path | None = None
+    auth_key: Path | None = None
+    signing_key: Path | None = None
+    threads: int = 0
+
+
+def _socket_path(work_dir: Path) -> str:
+    path = work_dir / "daemon.sock"
+    if len(str(path)) < 100:  # AF_UNIX paths are limited to ~108 bytes
+        return str(path)
+    digest = hashlib.sha256(str(work_dir).encode()).hexdigest()[:16]
+    return str(Path(tempfile.gettempdir()) / f"fedtrain-{digest}.sock")
+
+
+def _check(opts: ClientOptions) -> None:
+    if ":" not in opts.server:
+        raise ValueError(f"--server must be HOST:PORT, got {opts.server!r}")
+    if opts.nproc < 1:
+        raise ValueError(f"--nproc must be at least 1, got {opts.nproc}")
+    for flag, path in (
+        ("--tls-ca", opts.tls_ca),
+        ("--auth-key", opts.auth_key),
+        ("--signing-key", opts.signing_key),
+    ):
+        if path is not None and not path.exists():
+            raise ValueError(f"{flag} {path}: file not found")
+    if opts.auth_key is not None and not Path(f"{opts.auth_key}.pub").exists():
+        raise ValueError(f"--auth-key {opts.auth_key}: its public key {opts.auth_key}.pub is missing")
+    if opts.auth_key is not None and opts.tls_ca is None:
+        raise ValueError("--auth-key needs --tls-ca: node authentication runs over TLS")
+
+
+def run_client(opts: ClientOptions) -> int:
+    """Start the daemon and the SuperNode, watch them, stop them; return an exit code."""
+    import os
+
+    _check(opts)
+    work = (opts.work_dir or Path(f"fedtrain-silo-{opts.silo}")).resolve()
+    work.mkdir(parents=True, exist_ok=True)
+    sock = _socket_path(work)
+    ready = work / "daemon.ready"
+    ready.unlink(missing_ok=True)
+    children = Children(work / "logs")
+    restore = install_stop_handlers()
+    rc = 1
+    try:
+        daemon = [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            "--nproc-per-node",
+            str(opts.nproc),
+            "-m",
+            "fedtrain.client.daemon",
+            "--silo",
+            opts.silo,
+            "--work-dir",
+            str(work),
+            "--socket",
+            sock,
+            "--ready-file",
+            str(ready),
+            "--parent-pid",
+            str(os.getpid()),
+            "--threads",
+            str(opts.threads),
+        ]
+        if opts.data:
+            daemon += ["--data", opts.data]
+        if opts.signing_key:
+            daemon += ["--signing-key", str(opts.signing_key.resolve())]
+        children.start("daemon", daemon)
+        deadline = time.monotonic() + 180
+        while not ready.exists():
+            if children.exited() or time.monotonic() > deadline:
+                raise RuntimeError(
+                    "the trainer daemon did not start:\n" + tail(children.log_path("daemon"))
+                )
+            time.sleep(0.2)
+        print(
+            f"fedtrain client: silo {opts.silo} trainer daemon ready "
+            f"({opts.nproc} process(es)) on {sock}",
+            flush=True,
+        )
+        node = [
+            "flower-supernode",
+            "--superlink",
+            opts.server,
+            "--port",
+            str(free_port()),
+            "--node-config",
+            f'silo="{opts.silo}" socket="{sock}"',
+        ]
+        if opts.tls_ca is None:
+            node.append("--insecure")
+        else:
+            node += ["--root-certificates", str(opts.tls_ca.resolve())]
+        if opts.auth_key is not None:
+            node += [
+                "--auth-supernode-private-key",
+                str(opts.auth_key.resolve()),
+                "--auth-supernode-public-key",
+                f"{opts.auth_key.resolve()}.pub",
+            ]
+        children.start("supernode", node, {"FLWR_HOME": str(work / "flwr")})
+        print(f"fedtrain client: silo {opts.silo} connecting to {opts.server}", flush=True)
+        while True:
+            dead = children.exited()
+            if dead is not None:
+                name, code = dead
+                print(
+                    f"fedtrain client: {name} exited with code {code}:\n"
+                    + tail(children.log_path(name)),
+                    file=sys.stderr,
+                    flush=True,
+                )
+                rc = 1
+                break
+            time.sleep(0.5)
+    except Stop as e:
+        print(f"fedtrain client: {e} received, stopping", flush=True)
+        rc = 0
+    finally:
+        children.stop()
+        restore()
+    return rc

@@ -1,0 +1,154 @@
+"""``fedtrain keys init DIR``: the certificates and keys of a deployment (with ``cryptography``).
+
+Layout::
+
+    DIR/ca.crt, ca.key                 the run's certificate authority (give ca.crt to silos)
+    DIR/server.crt, server.key         the SuperLink's TLS certificate (SANs from --san)
+    DIR/silos/NAME/auth_key(.pub)      EC P-384 key, OpenSSH format: Flower node authentication
+    DIR/silos/NAME/sign_key(.pub)      Ed25519 key, PEM: signs the silo's updates
+
+Private keys are written with mode 0600 and never logged. The coordinator needs ``ca.crt``,
+``server.*`` and the ``.pub`` files; each silo needs ``ca.crt`` and its own ``silos/NAME``.
+"""
+
+from __future__ import annotations
+
+import datetime
+import ipaddress
+import os
+from pathlib import Path
+
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+from cryptography.x509.oid import NameOID
+
+__all__ = ["init_keys"]
+
+
+def _write(path: Path, data: bytes, private: bool = False) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600 if private else 0o644)
+    with os.fdopen(fd, "wb") as f:
+        f.write(data)
+    os.replace(tmp, path)
+
+
+def _pem_key(key: ec.EllipticCurvePrivateKey) -> bytes:
+    return key.private_bytes(
+        serialization.Encoding.PEM,
+        serialization.PrivateFormat.PKCS8,
+        serialization.NoEncryption(),
+    )
+
+
+def _san(name: str) -> x509.GeneralName:
+    try:
+        return x509.IPAddress(ipaddress.ip_address(name))
+    except ValueError:
+        return x509.DNSName(name)
+
+
+def init_keys(directory: Path, sans: list[str], silos: list[str], days: int = 365) -> list[Path]:
+    """Create the CA, server certificate and per-silo keys; return the files written."""
+    if (directory / "ca.key").exists():
+        raise ValueError(f"{directory} already holds keys; refusing to overwrite them")
+    if not silos:
+        raise ValueError("name at least one silo (--silo NAME)")
+    now = datetime.datetime.now(datetime.UTC)
+    until = now + datetime.timedelta(days=days)
+    written: list[Path] = []
+
+    ca_key = ec.generate_private_key(ec.SECP384R1())
+    ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "fedtrain run CA")])
+    ca = (
+        x509.CertificateBuilder()
+        .subject_name(ca_name)
+        .issuer_name(ca_name)
+        .public_key(ca_key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now)
+        .not_valid_after(until)
+        .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
+        .add_extension(
+            x509.KeyUsage(
+                digital_signature=True,
+                key_cert_sign=True,
+                crl_sign=True,
+                content_commitment=False,
+                key_encipherment=False,
+                data_encipherment=False,
+                key_agreement=False,
+                encipher_only=False,
+                decipher_only=False,
+            ),
+            critical=True,
+        )
+        .sign(ca_key, hashes.SHA256())
+    )
+    srv_key = ec.generate_private_key(ec.SECP384R1())
+    names = list(dict.fromkeys([*sans, "localhost", "127.0.0.1"]))
+    srv = (
+        x509.CertificateBuilder()
+        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, names[0])]))
+        .issuer_name(ca_name)
+        .public_key(srv_key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now)
+        .not_valid_after(until)
+        .add_extension(x509.SubjectAlternativeName([_san(n) for n in names]), critical=False)
+        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+        .add_extension(
+            x509.ExtendedKeyUsage([x509.oid.ExtendedKeyUsageOID.SERVER_AUTH]), critical=False
+        )
+        .sign(ca_key, hashes.SHA256())
+    )
+    pem = serialization.Encoding.PEM
+    for path, data, private in (
+        (directory / "ca.crt", ca.public_bytes(pem), False),
+        (directory / "ca.key", _pem_key(ca_key), True),
+        (directory / "server.crt", srv.public_bytes(pem), False),
+        (directory / "server.key", _pem_key(srv_key), True),
+    ):
+        _write(path, data, private)
+        written.append(path)
+    for silo in silos:
+        d = directory / "silos" / silo
+        auth = ec.generate_private_key(ec.SECP384R1())
+        sign = Ed25519PrivateKey.generate()
+        files = (
+            (
+                d / "auth_key",
+                auth.private_bytes(
+                    pem, serialization.PrivateFormat.OpenSSH, serialization.NoEncryption()
+                ),
+                True,
+            ),
+            (
+                d / "auth_key.pub",
+                auth.public_key().public_bytes(
+                    serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH
+                ),
+                False,
+            ),
+            (
+                d / "sign_key",
+                sign.private_bytes(
+                    pem, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+                ),
+                True,
+            ),
+            (
+                d / "sign_key.pub",
+                sign.public_key().public_bytes(
+                    pem, serialization.PublicFormat.SubjectPublicKeyInfo
+                ),
+                False,
+            ),
+        )
+        for path, data, private in files:
+            _write(path, data, private)
+            written.append(path)
+    return written
