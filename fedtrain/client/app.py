@@ -7,6 +7,8 @@ in the SuperNode's ``--node-config``: ``silo`` and ``socket``) and returns the d
 
 from __future__ import annotations
 
+import os
+
 from flwr.app import Context, Message
 from flwr.clientapp import ClientApp
 
@@ -25,7 +27,8 @@ def forward(msg: Message, context: Context) -> Message:
     try:
         header, blobs = from_content(msg.content)
     except ValueError as e:
-        return Message(to_content({"status": "error", "silo": silo, "reason": str(e)}, {}), reply_to=msg)
+        reply = {"status": "error", "silo": silo, "reason": str(e)}
+        return Message(to_content(reply, {}), reply_to=msg)
     if not path:
         reply = {"status": "error", "silo": silo, "reason": "node config has no 'socket'"}
         return Message(to_content(reply, {}), reply_to=msg)
@@ -33,4 +36,5 @@ def forward(msg: Message, context: Context) -> Message:
         reply, out = request(str(path), header, blobs)
     except LocalAPIError as e:
         reply, out = {"status": "error", "silo": silo, "reason": str(e)}, {}
+    reply["mailbox_pid"] = os.getpid()
     return Message(to_content(reply, out), reply_to=msg)

@@ -194,6 +194,7 @@ class Daemon:
         return {
             "status": "ok",
             "silo": self.silo,
+            "daemon_pid": os.getpid(),
             "version": self.version,
             "work_round": self.work_round,
             "snapshots": self._snapshot_versions() if self.worker is not None else [],
@@ -272,6 +273,7 @@ class Daemon:
             "train_loss": result.stats.mean_loss,
             "heldout_loss": heldout,
             "compute_s": round(compute_s, 4),
+            "step": self.worker.trainer.step,
         }
         log.info(
             "round %d: %d steps, train loss %.4f, held-out %.4f, %.1fs",

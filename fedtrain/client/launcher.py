@@ -137,11 +137,26 @@ def run_client(opts: ClientOptions) -> int:
                 f"{opts.auth_key.resolve()}.pub",
             ]
         children.start("supernode", node, {"FLWR_HOME": str(work / "flwr")})
+        started = time.monotonic()
         print(f"fedtrain client: silo {opts.silo} connecting to {opts.server}", flush=True)
+        backoff = 1.0
         while True:
             dead = children.exited()
             if dead is not None:
                 name, code = dead
+                if name == "supernode":
+                    # The SuperNode gives up when the coordinator goes away (a restart, the end
+                    # of a run); the daemon and its state stay, so just connect again.
+                    print(
+                        f"fedtrain client: lost the coordinator (supernode exit {code}); "
+                        f"reconnecting in {backoff:.0f}s",
+                        flush=True,
+                    )
+                    time.sleep(backoff)
+                    backoff = min(backoff * 2, 30.0)
+                    started = time.monotonic()
+                    children.start("supernode", node, {"FLWR_HOME": str(work / "flwr")})
+                    continue
                 print(
                     f"fedtrain client: {name} exited with code {code}:\n"
                     + tail(children.log_path(name)),
@@ -150,6 +165,8 @@ def run_client(opts: ClientOptions) -> int:
                 )
                 rc = 1
                 break
+            if time.monotonic() - started > 60:
+                backoff = 1.0
             time.sleep(0.5)
     except Stop as e:
         print(f"fedtrain client: {e} received, stopping", flush=True)

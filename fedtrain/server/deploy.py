@@ -289,6 +289,9 @@ class FlowerEngine:
                 heldout_loss=header.get("heldout_loss"),
                 train_loss=header.get("train_loss"),
                 compute_s=header.get("compute_s"),
+                step=header.get("step"),
+                daemon_pid=header.get("daemon_pid"),
+                mailbox_pid=header.get("mailbox_pid"),
             )
         return Reply(silo=silo, payload=blobs.get("payload", b""), arrival_s=arrival)
 

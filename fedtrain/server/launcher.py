@@ -177,6 +177,16 @@ def run_server(opts: ServerOptions) -> int:
     proxy = None
     rc = 1
     internal = free_port()
+    port_file = home / "superlink.port"
+    if port_file.exists():
+        # A coordinator killed without cleaning up leaves its ServerApp running (Flower starts
+        # it outside our process tree); it still holds the run. Stop exactly those processes:
+        # they are the ones attached to the previous SuperLink's private address.
+        old = port_file.read_text().strip()
+        if stop_processes_using(f"--runtime-api-address 127.0.0.1:{old} "):
+            print("fedtrain server: stopped the previous coordinator's ServerApp", flush=True)
+    home.mkdir(parents=True, exist_ok=True)
+    port_file.write_text(str(internal))
     try:
         link = [
             "flower-superlink",
@@ -250,7 +260,7 @@ def run_server(opts: ServerOptions) -> int:
             proxy.stop()
         children.stop()
         # The ServerApp runs under Flower's SuperExec, outside our process tree's reach.
-        stop_processes_using(f"--runtime-api-address 127.0.0.1:{internal}")
+        stop_processes_using(f"--runtime-api-address 127.0.0.1:{internal} ")
         restore()
     return rc
 
