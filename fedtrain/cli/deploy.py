@@ -16,7 +16,9 @@ __all__ = ["client", "keys_app", "server"]
 def server(
     config: Annotated[
         Optional[Path],
-        typer.Option("--config", "-c", help="Run config (TOML). Default: the packaged deploy example."),
+        typer.Option(
+            "--config", "-c", help="Run config (TOML). Default: the packaged deploy example."
+        ),
     ] = None,
     address: Annotated[
         str, typer.Option("--address", help="Public HOST:PORT silos connect to (Fleet API only).")
@@ -56,9 +58,7 @@ def server(
 
 def client(
     silo: Annotated[str, typer.Option("--silo", help="This silo's name in the run (e.g. silo0).")],
-    server_address: Annotated[
-        str, typer.Option("--server", help="The coordinator's HOST:PORT.")
-    ],
+    server_address: Annotated[str, typer.Option("--server", help="The coordinator's HOST:PORT.")],
     data: Annotated[
         Optional[str],
         typer.Option("--data", help="This silo's own text: path, glob or fsspec URL."),

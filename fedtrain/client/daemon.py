@@ -239,8 +239,7 @@ class Daemon:
             if self.version != base:
                 held, self.version = self.version, -1
                 raise Refused(
-                    f"needs full weights: holds global version {held}, "
-                    f"the update applies to {base}"
+                    f"needs full weights: holds global version {held}, the update applies to {base}"
                 )
             self.version = base + 1
             return blobs["downlink"]
@@ -291,7 +290,9 @@ class Daemon:
         downlink = self._apply(header, blobs)
         if downlink is not None:
             self.worker.receive(downlink)
-        log.info("silo %s: run %s finished at global version %d", self.silo, self.run_id, self.version)
+        log.info(
+            "silo %s: run %s finished at global version %d", self.silo, self.run_id, self.version
+        )
         return self._status(), {}
 
     # ----------------------------------------------------------------- server

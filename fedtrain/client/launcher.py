@@ -58,9 +58,30 @@ def _check(opts: ClientOptions) -> None:
         if path is not None and not path.exists():
             raise ValueError(f"{flag} {path}: file not found")
     if opts.auth_key is not None and not Path(f"{opts.auth_key}.pub").exists():
-        raise ValueError(f"--auth-key {opts.auth_key}: its public key {opts.auth_key}.pub is missing")
+        raise ValueError(
+            f"--auth-key {opts.auth_key}: its public key {opts.auth_key}.pub is missing"
+        )
     if opts.auth_key is not None and opts.tls_ca is None:
         raise ValueError("--auth-key needs --tls-ca: node authentication runs over TLS")
+
+
+_REFUSALS = (
+    ("CERTIFICATE_VERIFY_FAILED", "TLS: the coordinator's certificate is not signed by --tls-ca"),
+    (
+        "Failed to activate SuperNode",
+        "node authentication: this silo's --auth-key is not registered",
+    ),
+    ("code: 2004", "node authentication: this silo's --auth-key is not registered"),
+    ("wrong version number", "TLS: the coordinator does not speak TLS (drop --tls-ca?)"),
+)
+
+
+def _refusal(log_tail: str) -> str | None:
+    """Why the SuperNode was refused, when retrying cannot help."""
+    for marker, reason in _REFUSALS:
+        if marker in log_tail:
+            return reason
+    return None
 
 
 def run_client(opts: ClientOptions) -> int:
@@ -144,6 +165,15 @@ def run_client(opts: ClientOptions) -> int:
             dead = children.exited()
             if dead is not None:
                 name, code = dead
+                refusal = _refusal(tail(children.log_path("supernode"), 40)) if code else None
+                if name == "supernode" and refusal is not None:
+                    print(
+                        f"fedtrain client: the coordinator refused this silo: {refusal}",
+                        file=sys.stderr,
+                        flush=True,
+                    )
+                    rc = 3
+                    break
                 if name == "supernode":
                     # The SuperNode gives up when the coordinator goes away (a restart, the end
                     # of a run); the daemon and its state stay, so just connect again.

@@ -224,7 +224,12 @@ class FlowerEngine:
             }
             if work is not None:
                 w = work[silo]
-                header["work"] = {"kind": w.kind, "steps": w.steps, "names": w.names, "extra": w.extra}
+                header["work"] = {
+                    "kind": w.kind,
+                    "steps": w.steps,
+                    "names": w.names,
+                    "extra": w.extra,
+                }
             have = self._effective_version(silo, rnd) if op == "round" else self._current(silo)
             blobs: dict[str, bytes] = {}
             if downlink is not None and have == base:
@@ -300,7 +305,9 @@ class FlowerEngine:
         sent = 0
         for reply in self._exchange("finish", 0, None, downlink, 120.0):
             if reply.error is not None:
-                log.warning("silo %s did not confirm the end of the run: %s", reply.silo, reply.error)
+                log.warning(
+                    "silo %s did not confirm the end of the run: %s", reply.silo, reply.error
+                )
         if downlink is not None:
             sent = len(downlink) * len(self.nodes)
         return sent
@@ -420,7 +427,12 @@ def serve(
             )
 
         sim = build_simulation(
-            cfg, run_dir, quiet=True, resume=resume, make_engine=make_engine, public_keys=public_keys
+            cfg,
+            run_dir,
+            quiet=True,
+            resume=resume,
+            make_engine=make_engine,
+            public_keys=public_keys,
         )
         holder["store"] = sim.store
         engine: FlowerEngine = sim.engine
@@ -471,6 +483,8 @@ def _signing_keys(cfg: Any, keys_dir: Path | None) -> dict[str, Any]:
     for silo in cfg.silo_names():
         path = keys_dir / "silos" / silo / "sign_key.pub"
         if not path.exists():
-            raise DeploymentError(f"transport.sign_updates: no signing key for silo {silo} ({path})")
+            raise DeploymentError(
+                f"transport.sign_updates: no signing key for silo {silo} ({path})"
+            )
         keys[silo] = load_pem_public_key(path.read_bytes())
     return keys

@@ -140,7 +140,9 @@ def _register_keys(children: Children, env: dict[str, str], tls_dir: Path) -> li
         )
         text = (r.stdout + r.stderr).lower()
         if r.returncode != 0 and "already" not in text:
-            raise LaunchError(f"registering silo {silo}'s key failed: {(r.stdout + r.stderr)[-400:]}")
+            raise LaunchError(
+                f"registering silo {silo}'s key failed: {(r.stdout + r.stderr)[-400:]}"
+            )
         done.append(silo)
     return done
 
@@ -164,11 +166,13 @@ def run_server(opts: ServerOptions) -> int:
             )
         print(f"fedtrain server: resuming the run in {run_dir}", flush=True)
     host, port = _parse_address(opts.address)
-    tls = opts.tls_dir
+    tls = opts.tls_dir.resolve() if opts.tls_dir is not None else None
     if tls is not None:
         for f in ("ca.crt", "server.crt", "server.key"):
             if not (tls / f).exists():
-                raise ValueError(f"--tls-dir {tls}: {f} missing (make it with `fedtrain keys init`)")
+                raise ValueError(
+                    f"--tls-dir {tls}: {f} missing (make it with `fedtrain keys init`)"
+                )
     run_dir.mkdir(parents=True, exist_ok=True)
     home = run_dir / "flwr"
     env = {"FLWR_HOME": str(home)}
@@ -215,9 +219,7 @@ def run_server(opts: ServerOptions) -> int:
         scheme = "https" if tls else "http"
         upstream = f"{scheme}://127.0.0.1:{internal}"
         ca = tls / "ca.crt" if tls else None
-        _wait_health(
-            upstream + "/health", ca, lambda: children.procs["superlink"].poll() is None
-        )
+        _wait_health(upstream + "/health", ca, lambda: children.procs["superlink"].poll() is None)
         from fedtrain.server.proxy import FleetProxy
 
         sock = socket.create_server((host, port), reuse_port=False)
@@ -239,7 +241,9 @@ def run_server(opts: ServerOptions) -> int:
         _flwr_config(home, internal, ca)
         if tls is not None:
             silos = _register_keys(children, {**os.environ, **env}, tls)
-            print(f"fedtrain server: registered silo keys: {', '.join(silos) or 'none'}", flush=True)
+            print(
+                f"fedtrain server: registered silo keys: {', '.join(silos) or 'none'}", flush=True
+            )
         write_app(
             home / "app",
             {

@@ -63,7 +63,9 @@ def check_manifest(manifest: dict[str, Any], tokenizer: bytes) -> list[str]:
     problems: list[str] = []
     theirs = manifest.get("fedtrain_version")
     if theirs != fedtrain.__version__:
-        problems.append(f"fedtrain version: run uses {theirs}, this silo has {fedtrain.__version__}")
+        problems.append(
+            f"fedtrain version: run uses {theirs}, this silo has {fedtrain.__version__}"
+        )
     got = hashlib.sha256(tokenizer).hexdigest()
     if got != manifest.get("tokenizer_sha256"):
         problems.append(

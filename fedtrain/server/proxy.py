@@ -143,7 +143,11 @@ class FleetProxy:
         ]
         if self._client is None:
             self._client = httpx.AsyncClient(verify=self._verify, timeout=None)
-        url = self.upstream + path + (("?" + scope["query_string"].decode()) if scope["query_string"] else "")
+        url = (
+            self.upstream
+            + path
+            + (("?" + scope["query_string"].decode()) if scope["query_string"] else "")
+        )
         try:
             req = self._client.build_request(method, url, headers=headers, content=body)
             resp = await self._client.send(req, stream=True)
@@ -155,7 +159,9 @@ class FleetProxy:
                     "headers": [(b"content-type", b"text/plain")],
                 }
             )
-            await send({"type": "http.response.body", "body": f"SuperLink unreachable: {e}".encode()})
+            await send(
+                {"type": "http.response.body", "body": f"SuperLink unreachable: {e}".encode()}
+            )
             return
         try:
             out_headers = [

@@ -93,7 +93,17 @@ def first_run(site):
     assert server.p.returncode == 0, server.text()[-3000:]
     sim = root / "sim1"
     subprocess.run(
-        [sys.executable, "-m", "fedtrain.cli.main", "simulate", "-q", "-c", str(cfg), "--run-dir", str(sim)],
+        [
+            sys.executable,
+            "-m",
+            "fedtrain.cli.main",
+            "simulate",
+            "-q",
+            "-c",
+            str(cfg),
+            "--run-dir",
+            str(sim),
+        ],
         check=True,
         capture_output=True,
     )
