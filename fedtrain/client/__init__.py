@@ -6,8 +6,7 @@ Flower message and must not pay for importing torch.
 
 from __future__ import annotations
 
-from importlib import import_module
-from typing import Any
+from fedtrain._lazy import lazy
 
 __all__ = ["SiloTrainer", "StepStats", "evaluate_loss", "lr_at", "make_adamw"]
 
@@ -20,7 +19,4 @@ _WHERE = {
 }
 
 
-def __getattr__(name: str) -> Any:
-    if name in _WHERE:
-        return getattr(import_module(_WHERE[name]), name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+__getattr__ = lazy(__name__, _WHERE)

@@ -8,11 +8,13 @@ in the SuperNode's ``--node-config``: ``silo`` and ``socket``) and returns the d
 from __future__ import annotations
 
 import os
+from typing import Any
 
 from flwr.app import Context, Message
 from flwr.clientapp import ClientApp
 
 from fedtrain.client.localapi import LocalAPIError, request
+from fedtrain.server.children import peak_rss_bytes
 from fedtrain.transport.records import from_content, to_content
 
 __all__ = ["app"]
@@ -27,14 +29,17 @@ def forward(msg: Message, context: Context) -> Message:
     try:
         header, blobs = from_content(msg.content)
     except ValueError as e:
-        reply = {"status": "error", "silo": silo, "reason": str(e)}
-        return Message(to_content(reply, {}), reply_to=msg)
+        return Message(
+            to_content({"status": "error", "silo": silo, "reason": str(e)}, {}), reply_to=msg
+        )
     if not path:
-        reply = {"status": "error", "silo": silo, "reason": "node config has no 'socket'"}
-        return Message(to_content(reply, {}), reply_to=msg)
+        missing = {"status": "error", "silo": silo, "reason": "node config has no 'socket'"}
+        return Message(to_content(missing, {}), reply_to=msg)
+    reply: dict[str, Any]
     try:
         reply, out = request(str(path), header, blobs)
     except LocalAPIError as e:
         reply, out = {"status": "error", "silo": silo, "reason": str(e)}, {}
     reply["mailbox_pid"] = os.getpid()
+    reply["mailbox_peak_rss"] = peak_rss_bytes()
     return Message(to_content(reply, out), reply_to=msg)

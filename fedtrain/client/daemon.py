@@ -39,6 +39,8 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from fedtrain.server.children import peak_rss_bytes
+
 log = logging.getLogger("fedtrain.daemon")
 
 __all__ = ["main"]
@@ -79,11 +81,15 @@ class Daemon:
         self.args = args
         self.silo: str = args.silo
         self.work_dir = Path(args.work_dir)
-        self.signing_key = None
-        if args.signing_key:
+        self.signing_key: Any = None
+        if args.signing_key:  # the launcher checked the file exists
+            from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
             from cryptography.hazmat.primitives.serialization import load_pem_private_key
 
-            self.signing_key = load_pem_private_key(Path(args.signing_key).read_bytes(), None)
+            key = load_pem_private_key(Path(args.signing_key).read_bytes(), None)
+            if not isinstance(key, Ed25519PrivateKey):
+                raise SystemExit(f"--signing-key {args.signing_key}: not an Ed25519 private key")
+            self.signing_key = key
         self.run_id: str | None = None
         self.run_dir: Path | None = None
         self.worker: Any = None
@@ -195,6 +201,7 @@ class Daemon:
             "status": "ok",
             "silo": self.silo,
             "daemon_pid": os.getpid(),
+            "daemon_peak_rss": peak_rss_bytes(),
             "version": self.version,
             "work_round": self.work_round,
             "snapshots": self._snapshot_versions() if self.worker is not None else [],

@@ -1,10 +1,13 @@
-"""Coordinator: the engine-independent round loop, aggregation, close conditions, validation."""
+"""Coordinator: the engine-independent round loop, aggregation, close conditions, validation,
+and the Flower deployment (ServerApp, SuperLink launcher, fleet-only proxy).
 
-from fedtrain.server.aggregate import StreamingMean
-from fedtrain.server.closing import AllReplied, CloseCondition, Quorum, close_condition
-from fedtrain.server.coordinator import Coordinator, RunTotals
-from fedtrain.server.engine import Engine, Reply
-from fedtrain.server.validate import UpdateRejected, validate_update
+Names are imported lazily: torch-free parts (process helpers used by the mailbox ClientApp)
+must not pull in torch.
+"""
+
+from __future__ import annotations
+
+from fedtrain._lazy import lazy
 
 __all__ = [
     "AllReplied",
@@ -19,3 +22,20 @@ __all__ = [
     "close_condition",
     "validate_update",
 ]
+
+_WHERE = {
+    "StreamingMean": "fedtrain.server.aggregate",
+    "AllReplied": "fedtrain.server.closing",
+    "CloseCondition": "fedtrain.server.closing",
+    "Quorum": "fedtrain.server.closing",
+    "close_condition": "fedtrain.server.closing",
+    "Coordinator": "fedtrain.server.coordinator",
+    "RunTotals": "fedtrain.server.coordinator",
+    "Engine": "fedtrain.server.engine",
+    "Reply": "fedtrain.server.engine",
+    "UpdateRejected": "fedtrain.server.validate",
+    "validate_update": "fedtrain.server.validate",
+}
+
+
+__getattr__ = lazy(__name__, _WHERE)

@@ -24,6 +24,7 @@ __all__ = [
     "Children",
     "free_port",
     "install_stop_handlers",
+    "peak_rss_bytes",
     "stop_processes_using",
     "tail",
 ]
@@ -40,6 +41,17 @@ except OSError:  # pragma: no cover
 def _die_with_parent() -> None:  # pragma: no cover - runs in the child before exec
     if _LIBC is not None:
         _LIBC.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
+
+
+def peak_rss_bytes(pid: int | str = "self") -> int | None:
+    """Peak resident memory (VmHWM) of a process, from /proc; None where unavailable."""
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    except (OSError, ValueError):
+        return None
+    return None
 
 
 def free_port(host: str = "127.0.0.1") -> int:

@@ -297,6 +297,8 @@ class FlowerEngine:
                 step=header.get("step"),
                 daemon_pid=header.get("daemon_pid"),
                 mailbox_pid=header.get("mailbox_pid"),
+                mailbox_peak_rss=header.get("mailbox_peak_rss"),
+                daemon_peak_rss=header.get("daemon_peak_rss"),
             )
         return Reply(silo=silo, payload=blobs.get("payload", b""), arrival_s=arrival)
 
@@ -445,6 +447,13 @@ def serve(
         engine.connect(join_timeout_s)
         sim.coordinator.on_round = _print_round
         summary = sim.execute()
+        from fedtrain.server.children import peak_rss_bytes
+
+        summary["deployment"] = {
+            "resync_bytes": engine.resync_bytes,
+            "coordinator_peak_rss": peak_rss_bytes(),
+        }
+        sim.run.write_json("summary.json", summary)
         log.info(
             "run finished: %d rounds, eval loss %.4f -> %.4f, %.1f MB up, %.1f MB down",
             summary["rounds"],

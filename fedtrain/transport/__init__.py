@@ -6,8 +6,7 @@ ClientApp, which starts once per message) does not import torch.
 
 from __future__ import annotations
 
-from importlib import import_module
-from typing import Any
+from fedtrain._lazy import lazy
 
 __all__ = [
     "CODECS",
@@ -30,7 +29,4 @@ _WHERE = {
 }
 
 
-def __getattr__(name: str) -> Any:
-    if name in _WHERE:
-        return getattr(import_module(_WHERE[name]), name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+__getattr__ = lazy(__name__, _WHERE)

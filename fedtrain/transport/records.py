@@ -26,7 +26,10 @@ def from_content(content: RecordDict) -> tuple[dict[str, Any], dict[str, bytes]]
     if "fedtrain" not in content:
         raise ValueError("not a fedtrain message (no 'fedtrain' header record)")
     header = json.loads(str(content["fedtrain"]["header"]))
-    blobs = {}
+    blobs: dict[str, bytes] = {}
     if "blobs" in content:
-        blobs = {name: bytes(arr.data) for name, arr in content["blobs"].items()}
+        for name, arr in content["blobs"].items():
+            if not isinstance(arr, Array):
+                raise ValueError(f"blob {name!r} is not an array")
+            blobs[name] = bytes(arr.data)
     return header, blobs
