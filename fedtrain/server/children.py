@@ -25,6 +25,7 @@ __all__ = [
     "free_port",
     "install_stop_handlers",
     "peak_rss_bytes",
+    "pids_matching",
     "stop_processes_using",
     "tail",
 ]
@@ -119,20 +120,26 @@ class Children:
                 proc.wait()
 
 
-def stop_processes_using(marker: str, timeout_s: float = 10.0) -> list[int]:
-    """SIGTERM (then SIGKILL) processes whose command line contains ``marker`` — used for the
-    ServerApp processes Flower's SuperExec spawned for OUR SuperLink (the marker is its
-    private runtime address, unique to this launcher). Returns their PIDs."""
-    pids = []
+def pids_matching(marker: str) -> list[int]:
+    """Live (non-zombie) processes, other than this one, whose command line contains ``marker``."""
+    out = []
     me = os.getpid()
     for entry in Path("/proc").glob("[0-9]*"):
         try:
             cmd = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
-        except OSError:
+            state = (entry / "stat").read_text().rsplit(")", 1)[1].split()[0]
+        except (OSError, IndexError):
             continue
-        pid = int(entry.name)
-        if pid != me and marker in cmd:
-            pids.append(pid)
+        if marker in cmd and state != "Z" and int(entry.name) != me:
+            out.append(int(entry.name))
+    return out
+
+
+def stop_processes_using(marker: str, timeout_s: float = 10.0) -> list[int]:
+    """SIGTERM (then SIGKILL) processes whose command line contains ``marker`` — used for the
+    ServerApp processes Flower's SuperExec spawned for OUR SuperLink (the marker is its
+    private runtime address, unique to this launcher). Returns their PIDs."""
+    pids = pids_matching(marker)
     for pid in pids:
         with contextlib.suppress(ProcessLookupError):
             os.kill(pid, signal.SIGTERM)

@@ -75,6 +75,7 @@ class FlowerEngine:
         self._hellos: dict[str, tuple[int, float]] = {}
         self.compute_s: dict[str, float] = dict.fromkeys(self.silos, 0.0)
         self.resync_bytes = 0
+        self._joined: set[str] = set()
 
     # ------------------------------------------------------------ messaging
     def _message(
@@ -237,8 +238,10 @@ class FlowerEngine:
             elif have != self.version:
                 full = full if full is not None else self.weights(rnd)
                 blobs["weights"] = full
-                self.resync_bytes += len(full)
-                self.on_event("resync", round=rnd, silo=silo, bytes_down=len(full), had=have)
+                if silo in self._joined:  # the first full weights are the join, metered there
+                    self.resync_bytes += len(full)
+                    self.on_event("resync", round=rnd, silo=silo, bytes_down=len(full), had=have)
+                self._joined.add(silo)
             msgs[silo] = self._message(node, header, blobs, ttl=deadline_s + 60)
         start = time.monotonic()
         ids = dict(zip(self.grid.push_messages(list(msgs.values())), msgs, strict=True))

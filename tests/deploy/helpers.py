@@ -111,17 +111,3 @@ def metrics(run_dir: Path) -> list[dict[str, Any]]:
     if not path.exists():
         return []
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-
-
-def pids_with(marker: str) -> list[int]:
-    """PIDs whose command line contains ``marker`` (to check nothing was left running)."""
-    out = []
-    for entry in Path("/proc").glob("[0-9]*"):
-        try:
-            cmd = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
-            state = (entry / "stat").read_text().split()[2]
-        except OSError:
-            continue
-        if marker in cmd and state != "Z":
-            out.append(int(entry.name))
-    return out
