@@ -24,7 +24,8 @@ import pytest
 from safetensors.torch import load_file
 
 from fedtrain.server.children import free_port
-from tests.deploy.helpers import Proc, events, metrics, pids_with, tiny_config, wait_for
+from fedtrain.server.children import pids_matching as pids_with
+from tests.deploy.helpers import Proc, events, metrics, tiny_config, wait_for
 
 pytestmark = pytest.mark.slow
 

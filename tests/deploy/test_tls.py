@@ -11,7 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.deploy.helpers import Proc, pids_with, tiny_config, wait_for
+from fedtrain.server.children import pids_matching as pids_with
+from tests.deploy.helpers import Proc, tiny_config, wait_for
 
 pytestmark = pytest.mark.slow
 
