@@ -408,7 +408,13 @@ def main(argv: list[str] | None = None) -> int:
         format=f"%(asctime)s daemon[{os.environ.get('RANK', '0')}] %(message)s",
         stream=sys.stderr,
     )
-    dist.init_process_group("gloo", timeout=timedelta(days=30))
+    # NCCL with one GPU per local rank where there are GPUs, gloo on CPU.
+    if torch.cuda.is_available():
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+        backend = "nccl"
+    else:
+        backend = "gloo"
+    dist.init_process_group(backend, timeout=timedelta(days=30))
     world = dist.get_world_size()
     threads = args.threads or max(1, (os.cpu_count() or 1) // world)
     torch.set_num_threads(threads)

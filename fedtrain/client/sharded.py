@@ -74,10 +74,16 @@ class ShardedTrainer(SiloTrainer):
         self.stream = stream
         self.cfg = cfg
         self.total_steps = total_steps
+        # NCCL on GPUs (one per local rank), gloo on CPU; the anchor always lives in host memory.
+        if torch.cuda.is_available():
+            self.device = torch.device("cuda", torch.cuda.current_device())
+        else:
+            self.device = torch.device("cpu")
         # All ranks built identical weights from the run seed; rank 0 keeps them as the anchor.
         self.anchor = (
             {n: p.detach().clone() for n, p in model.named_parameters()} if self.rank == 0 else {}
         )
+        model.to(self.device)
         for block in model.layers:
             fully_shard(block)
         fully_shard(model)
@@ -109,7 +115,7 @@ class ShardedTrainer(SiloTrainer):
     # --------------------------------------------------------------- training
     def _autocast(self) -> contextlib.AbstractContextManager[object]:
         if self.cfg.bf16:
-            return torch.autocast("cpu", dtype=torch.bfloat16)
+            return torch.autocast(self.device.type, dtype=torch.bfloat16)
         return contextlib.nullcontext()
 
     def _forward_backward(self) -> float:
@@ -118,11 +124,12 @@ class ShardedTrainer(SiloTrainer):
         lo = self.rank * rows
         for micro in range(self.cfg.grad_accum):
             x, y = self.stream.batch(self.step, micro, self.cfg.batch_size, self.cfg.seq_len)
+            x, y = x[lo : lo + rows].to(self.device), y[lo : lo + rows].to(self.device)
             with self._autocast():
-                loss = self.model.loss(x[lo : lo + rows], y[lo : lo + rows])
+                loss = self.model.loss(x, y)
             (loss / self.cfg.grad_accum).backward()
             total += float(loss.detach())
-        mean = torch.tensor([total / self.cfg.grad_accum])
+        mean = torch.tensor([total / self.cfg.grad_accum], device=self.device)
         if self.world > 1:
             dist.all_reduce(mean)
         return float(mean) / self.world
@@ -146,7 +153,10 @@ class ShardedTrainer(SiloTrainer):
     def _op_loss_on(self, windows: torch.Tensor, batch_size: int | None) -> float:
         # Every rank runs the same forward passes (FSDP gathers each block in lockstep).
         loss = evaluate_loss(
-            self.model, windows, batch_size or self.cfg.batch_size, bf16=self.cfg.bf16
+            self.model,
+            windows.to(self.device),
+            batch_size or self.cfg.batch_size,
+            bf16=self.cfg.bf16 and self.device.type == "cpu",
         )
         self.model.reshard()  # type: ignore[operator]  # FSDPModule method; root stays unsharded after a forward-only pass
         return loss
@@ -229,8 +239,10 @@ class ShardedTrainer(SiloTrainer):
         from safetensors.torch import save_file
 
         opt, meta = optimizer_to_tensors(self.optimizer, self.params)
-        tensors = {f"local.{n}": _local(p.detach()).contiguous() for n, p in self.params.items()}
-        tensors.update({f"opt.{k}": _local(v).contiguous() for k, v in opt.items()})
+        tensors = {
+            f"local.{n}": _local(p.detach()).cpu().contiguous() for n, p in self.params.items()
+        }
+        tensors.update({f"opt.{k}": _local(v).cpu().contiguous() for k, v in opt.items()})
         path = Path(directory) / f"shard-{self.rank}-of-{self.world}.safetensors"
         save_file(tensors, str(path), metadata={"meta": json.dumps({**meta, "step": self.step})})
         dist.barrier()
@@ -264,7 +276,7 @@ class ShardedTrainer(SiloTrainer):
             p = self.params[pname]
             if isinstance(p, DTensor) and v.dim() > 0:
                 v = DTensor.from_local(
-                    v, p.device_mesh, p.placements, shape=p.shape, stride=p.stride()
+                    v.to(self.device), p.device_mesh, p.placements, shape=p.shape, stride=p.stride()
                 )
             opt[key] = v
         optimizer_from_tensors(self.optimizer, self.params, opt, meta)
