@@ -19,7 +19,14 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from fedtrain.server.children import Children, Stop, free_port, install_stop_handlers, tail
+from fedtrain.server.children import (
+    Children,
+    Stop,
+    free_port,
+    install_stop_handlers,
+    stop_processes_using,
+    tail,
+)
 
 __all__ = ["ClientOptions", "run_client"]
 
@@ -84,6 +91,10 @@ def _refusal(log_tail: str) -> str | None:
     return None
 
 
+def _stop_clientapps(port: str) -> None:
+    stop_processes_using(f"--runtime-api-address 127.0.0.1:{port} ")
+
+
 def run_client(opts: ClientOptions) -> int:
     """Start the daemon and the SuperNode, watch them, stop them; return an exit code."""
     import os
@@ -95,6 +106,13 @@ def run_client(opts: ClientOptions) -> int:
     ready = work / "daemon.ready"
     ready.unlink(missing_ok=True)
     children = Children(work / "logs")
+    runtime_port = free_port()
+    port_file = work / "supernode.port"
+    if port_file.exists():
+        # ClientApp processes of a SuperNode that died without cleaning up (Flower starts them
+        # outside our process tree); they are the ones attached to its private runtime port.
+        _stop_clientapps(port_file.read_text().strip())
+    port_file.write_text(str(runtime_port))
     restore = install_stop_handlers()
     rc = 1
     try:
@@ -142,7 +160,7 @@ def run_client(opts: ClientOptions) -> int:
             "--superlink",
             opts.server,
             "--port",
-            str(free_port()),
+            str(runtime_port),
             "--node-config",
             f'silo="{opts.silo}" socket="{sock}"',
         ]
@@ -182,6 +200,7 @@ def run_client(opts: ClientOptions) -> int:
                         f"reconnecting in {backoff:.0f}s",
                         flush=True,
                     )
+                    _stop_clientapps(str(runtime_port))
                     time.sleep(backoff)
                     backoff = min(backoff * 2, 30.0)
                     started = time.monotonic()
@@ -203,5 +222,6 @@ def run_client(opts: ClientOptions) -> int:
         rc = 0
     finally:
         children.stop()
+        _stop_clientapps(str(runtime_port))
         restore()
     return rc

@@ -80,6 +80,8 @@ def site(tmp_path_factory):
     for p in reversed(started):
         p.stop()
     assert not pids_with(str(root)), "processes of the deployment were left running"
+    for port_file in root.glob("silo*/supernode.port"):  # Flower's ClientApps included
+        assert not pids_with(f"--runtime-api-address 127.0.0.1:{port_file.read_text()} ")
 
 
 @pytest.fixture(scope="module")
