@@ -168,11 +168,7 @@ class Daemon:
         self.version, self.work_round = int(state["version"]), int(state["work_round"])
 
     def _rollback_before(self, rnd: int) -> None:
-        earlier = [
-            s
-            for s in self._snapshots()
-            if json.loads((s / "state.json").read_text())["work_round"] < rnd
-        ]
+        earlier = [s for s in self._snapshots() if _work_round(s) < rnd]
         if not earlier:
             raise Refused(f"cannot roll back to before round {rnd}: no snapshot that old")
         self._restore(earlier[-1])
@@ -342,6 +338,11 @@ class Daemon:
         if self.worker is not None:
             self.worker.trainer.stop_followers()
         _announce_top("exit", "")
+
+
+def _work_round(snapshot: Path) -> int:
+    """The round a snapshot directory (``round-<r>``) was written after."""
+    return int(snapshot.name.removeprefix("round-"))
 
 
 def _precheck(manifest: dict[str, Any], silo: str) -> None:

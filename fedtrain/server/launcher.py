@@ -23,6 +23,7 @@ import sys
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -61,7 +62,9 @@ def _parse_address(address: str) -> tuple[str, int]:
     return host.strip("[]") or "0.0.0.0", int(port)
 
 
-def _wait_health(url: str, ca: Path | None, proc_alive: object, timeout_s: float = 60.0) -> None:
+def _wait_health(
+    url: str, ca: Path | None, proc_alive: Callable[[], bool], timeout_s: float = 60.0
+) -> None:
     ctx = ssl.create_default_context(cafile=str(ca)) if ca else None
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
@@ -71,7 +74,7 @@ def _wait_health(url: str, ca: Path | None, proc_alive: object, timeout_s: float
                     return
         except (urllib.error.URLError, OSError):
             pass
-        if callable(proc_alive) and not proc_alive():
+        if not proc_alive():
             raise LaunchError("the SuperLink exited while starting")
         time.sleep(0.3)
     raise LaunchError(f"the SuperLink did not become healthy within {timeout_s:.0f}s")
@@ -124,7 +127,7 @@ def _flwr_config(home: Path, port: int, ca: Path | None) -> None:
     )
 
 
-def _register_keys(children: Children, env: dict[str, str], tls_dir: Path) -> list[str]:
+def _register_keys(env: dict[str, str], tls_dir: Path) -> list[str]:
     import subprocess
 
     done = []
@@ -240,7 +243,7 @@ def run_server(opts: ServerOptions) -> int:
         )
         _flwr_config(home, internal, ca)
         if tls is not None:
-            silos = _register_keys(children, {**os.environ, **env}, tls)
+            silos = _register_keys({**os.environ, **env}, tls)
             print(
                 f"fedtrain server: registered silo keys: {', '.join(silos) or 'none'}", flush=True
             )
