@@ -229,6 +229,16 @@ class StrategySection:
     """ZO: z distribution, 'rademacher' (device independent) or 'gaussian' (CPU generator)."""
     zo_trainable: str = ""
     """ZO: glob of parameter names to tune (e.g. 'tok_emb.*'); empty = all."""
+    coding: str = "off"
+    """Gradient-code DiLoCo rounds over public shards: 'off', 'auto', 'frc', 'cyclic', 'random'."""
+    stragglers: int = 0
+    """Gradient coding: s, the stragglers a coded round tolerates (each silo trains s+1 shards)."""
+    scheduling: str = "sync"
+    """'sync' (every silo runs H steps per round) or 'compass' (per-silo steps, arrival groups)."""
+    q_min: int = 20
+    """Compass: fewest inner steps a silo is given."""
+    q_max: int = 100
+    """Compass: most inner steps a silo is given (a new group's steps)."""
 
     def __post_init__(self) -> None:
         _check(self.fragments >= 1, "strategy.fragments", "an integer >= 1", self.fragments)
@@ -249,6 +259,22 @@ class StrategySection:
             self.zo_samples_per_round,
         )
         _check(self.zo_eps > 0, "strategy.zo_eps", "a number > 0", self.zo_eps)
+        codings = ("off", "auto", "frc", "cyclic", "random")
+        _check(self.coding in codings, "strategy.coding", f"one of {list(codings)}", self.coding)
+        _check(self.stragglers >= 0, "strategy.stragglers", "an integer >= 0", self.stragglers)
+        _check(
+            self.scheduling in ("sync", "compass"),
+            "strategy.scheduling",
+            "'sync' or 'compass'",
+            self.scheduling,
+        )
+        _check(self.q_min >= 1, "strategy.q_min", "an integer >= 1", self.q_min)
+        _check(
+            self.q_max >= self.q_min,
+            "strategy.q_max",
+            f"an integer >= q_min = {self.q_min}",
+            self.q_max,
+        )
         _check(self.zo_lr > 0, "strategy.zo_lr", "a number > 0", self.zo_lr)
         _check(
             self.zo_perturbation in ("rademacher", "gaussian"),
@@ -370,6 +396,8 @@ class SiloProfile:
     """Downlink bandwidth in Mbit/s."""
     latency_ms: float = 20.0
     """One-way latency added to every transfer, in ms."""
+    dropout: float = 0.0
+    """Probability that the silo drops out of a round (no reply; it catches up next round)."""
 
     def __post_init__(self) -> None:
         key = f"simulation.profiles[{self.name}]"
@@ -379,6 +407,7 @@ class SiloProfile:
         _check(self.up_mbps > 0, f"{key}.up_mbps", "a number > 0", self.up_mbps)
         _check(self.down_mbps > 0, f"{key}.down_mbps", "a number > 0", self.down_mbps)
         _check(self.latency_ms >= 0, f"{key}.latency_ms", "a number >= 0", self.latency_ms)
+        _check(0.0 <= self.dropout < 1.0, f"{key}.dropout", "a number in [0, 1)", self.dropout)
 
 
 @dataclass(kw_only=True, slots=True)
@@ -389,8 +418,43 @@ class SimulationSection:
     """Silo hardware/network profiles; empty = every silo gets the default profile."""
     step_time_jitter: float = 0.0
     """Log-normal sigma of a per-round, per-silo random slowdown (0 = none)."""
+    bursty_b: int = 0
+    """Bursty stragglers (B, W, λ): longest burst of rounds one silo straggles (0 = off)."""
+    bursty_w: int = 5
+    """Bursty stragglers: window W; in any W consecutive rounds at most λ silos straggle."""
+    bursty_lambda: int = 1
+    """Bursty stragglers: λ, silos that may straggle within one window."""
+    bursty_rate: float = 0.3
+    """Bursty stragglers: chance per round that a new burst starts (where the model allows)."""
+    straggler_slowdown: float = 4.0
+    """Step-time multiplier of a silo while it is in a bursty straggle."""
 
     def __post_init__(self) -> None:
+        _check(self.bursty_b >= 0, "simulation.bursty_b", "an integer >= 0", self.bursty_b)
+        _check(
+            self.bursty_w > self.bursty_b or self.bursty_b == 0,
+            "simulation.bursty_w",
+            f"an integer > bursty_b = {self.bursty_b}",
+            self.bursty_w,
+        )
+        _check(
+            self.bursty_lambda >= 1,
+            "simulation.bursty_lambda",
+            "an integer >= 1",
+            self.bursty_lambda,
+        )
+        _check(
+            0.0 <= self.bursty_rate <= 1.0,
+            "simulation.bursty_rate",
+            "a number in [0, 1]",
+            self.bursty_rate,
+        )
+        _check(
+            self.straggler_slowdown >= 1.0,
+            "simulation.straggler_slowdown",
+            "a number >= 1",
+            self.straggler_slowdown,
+        )
         _check(self.engine in ("inprocess",), "simulation.engine", "'inprocess'", self.engine)
         _check(
             self.step_time_jitter >= 0,
@@ -450,9 +514,62 @@ class Config:
                 f"less than H/P = {h // p} (one fragment in flight at a time)",
                 tau,
             )
+        self._check_stragglers()
         names = set(self.silo_names())
         for silo in self.data.silo_data:
             _check(silo in names, "data.silo_data", f"keys among silo names {sorted(names)}", silo)
+
+    def _check_stragglers(self) -> None:
+        st = self.strategy
+        if st.coding != "off":
+            _check(
+                st.name in ("diloco", "fedavg"),
+                "strategy.coding",
+                f"'off' with strategy.name = {st.name!r} (coded rounds are DiLoCo/FedAvg rounds)",
+                st.coding,
+            )
+            _check(
+                not self.data.silo_data,
+                "strategy.coding",
+                "'off' when silos train on private data (data.silo_data): coding replicates "
+                "shards across silos, and private data is never replicated",
+                st.coding,
+            )
+            _check(
+                st.stragglers < self.data.silos,
+                "strategy.stragglers",
+                f"less than data.silos = {self.data.silos}",
+                st.stragglers,
+            )
+            _check(
+                not self.transport.error_feedback,
+                "transport.error_feedback",
+                "false with gradient coding (the decode coefficients would mix each silo's "
+                "residual into the sum)",
+                self.transport.error_feedback,
+            )
+            _check(
+                st.scheduling == "sync",
+                "strategy.scheduling",
+                "'sync' with gradient coding (a coded round needs every shard from one start)",
+                st.scheduling,
+            )
+        elif st.stragglers:
+            _check(False, "strategy.stragglers", "0 unless strategy.coding is set", st.stragglers)
+        if st.scheduling == "compass":
+            _check(
+                st.name in ("diloco", "fedavg"),
+                "strategy.scheduling",
+                f"'sync' with strategy.name = {st.name!r} (compass schedules DiLoCo rounds)",
+                st.scheduling,
+            )
+            _check(
+                not self.transport.error_feedback,
+                "transport.error_feedback",
+                "false with compass scheduling (a silo may miss several broadcasts, so the "
+                "acknowledgement of its update is not in the next one)",
+                self.transport.error_feedback,
+            )
 
     def silo_names(self) -> list[str]:
         """Silo names in canonical order (silo0, silo1, ...)."""

@@ -283,5 +283,5 @@ class ShardedTrainer(SiloTrainer):
         self.step = int(meta["step"])
         dist.barrier()
 
-    def fresh_copy(self) -> SiloTrainer:
+    def fresh_copy(self, stream: TokenStream | None = None, step: int | None = None) -> SiloTrainer:
         raise NotImplementedError("coded shard work is not available on a sharded trainer")

@@ -174,13 +174,14 @@ class SiloTrainer:
         optimizer_from_tensors(self.optimizer, self.params, opt, meta["opt"])
         self.step = int(meta["step"])
 
-    def fresh_copy(self) -> SiloTrainer:
-        """A trainer at the same global start with a fresh inner optimizer (coded shard work)."""
+    def fresh_copy(self, stream: TokenStream | None = None, step: int | None = None) -> SiloTrainer:
+        """A trainer at the global start θ̃ with a fresh inner optimizer (coded shard work),
+        reading ``stream`` (default: this silo's) from position ``step`` (default: its own)."""
         clone = SiloTrainer(
-            self.name, copy.deepcopy(self.model), self.stream, self.cfg, self.total_steps
+            self.name, copy.deepcopy(self.model), stream or self.stream, self.cfg, self.total_steps
         )
         clone.set_global(self.anchor)
-        clone.step = self.step
+        clone.step = self.step if step is None else step
         return clone
 
 

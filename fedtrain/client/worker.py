@@ -17,7 +17,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from fedtrain.client.trainer import SiloTrainer, StepStats
 from fedtrain.config import TransportSection
-from fedtrain.data.stream import derive_seed
+from fedtrain.data.stream import TokenStream, derive_seed
 from fedtrain.strategies.base import Work
 from fedtrain.strategies.zo import ZOEntry, encode_byte, replay, spsa, zo_seed
 from fedtrain.transport.feedback import ErrorFeedback
@@ -47,8 +47,11 @@ class SiloWorker:
         transport: TransportSection,
         seed: int,
         signing_key: Ed25519PrivateKey | None = None,
+        shards: Callable[[int], TokenStream] | None = None,
     ) -> None:
         self.trainer = trainer
+        self.shards = shards
+        """Public shard j's token stream (coded work); None for a silo with private data."""
         self.name = trainer.name
         self.run_id = run_id
         self.transport = transport
@@ -151,6 +154,32 @@ class SiloWorker:
         )
         return {"codes": codes.to(torch.float32)}, stats
 
+    def _coded(
+        self, work: Work, on_step: Callable[[int], None] | None
+    ) -> tuple[dict[str, torch.Tensor], StepStats]:
+        """y_i = Σ_j B_ij·g_j over this silo's shards: each g_j trained from the global start
+        with a fresh optimizer and the data order of (round, shard), so every replica of a
+        shard computes the same g_j. The silo's own model and optimizer are not touched."""
+        if self.shards is None:
+            raise ValueError(
+                f"silo {self.name} trains on private data: it is never given coded work"
+            )
+        x = work.extra
+        total: dict[str, torch.Tensor] = {}
+        stats: StepStats | None = None
+        for j, coeff in zip(x["shards"], x["coeffs"], strict=True):
+            shard = self.trainer.fresh_copy(stream=self.shards(int(j)), step=int(x["step0"]))
+            done = shard.train(work.steps, on_step)
+            stats = done if stats is None else stats.merged(done)
+            for n, g in shard.pseudo_gradient(work.names).items():
+                if n in total:
+                    total[n].add_(g, alpha=float(coeff))
+                else:
+                    total[n] = g * float(coeff)
+            del shard
+        assert stats is not None, "coded work names no shard"
+        return total, stats
+
     def work(
         self,
         round: int,
@@ -164,6 +193,9 @@ class SiloWorker:
             if before is not None:
                 stats = before.merged(stats)
             tensors = self.trainer.pseudo_gradient(work.names)
+            kind = "pseudo_grad"
+        elif work.kind == "coded":
+            tensors, stats = self._coded(work, on_step)
             kind = "pseudo_grad"
         elif work.kind == "zo":
             tensors, stats = self._zo(round, work)

@@ -2,12 +2,48 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 
-__all__ = ["StreamingMean"]
+__all__ = ["Aggregator", "StreamingMean"]
 
 
-class StreamingMean:
+class Aggregator:
+    """How a round's accepted replies become the update the outer step uses (base: defaults
+    for the optional parts; subclasses implement ``add``, ``mean`` and ``buffer_bytes``)."""
+
+    def add(
+        self,
+        tensors: dict[str, torch.Tensor],
+        weight: float,
+        sender: str = "",
+        meta: dict[str, Any] | None = None,
+    ) -> None:
+        raise NotImplementedError
+
+    def mean(self) -> dict[str, torch.Tensor] | None:
+        raise NotImplementedError
+
+    @property
+    def buffer_bytes(self) -> int:
+        raise NotImplementedError
+
+    def done(self) -> bool:
+        """True when more replies cannot change the result (close the round now); by default
+        the round's close condition decides."""
+        return False
+
+    def tokens(self, counted: int) -> int:
+        """Tokens the result stands for, given ``counted`` reported by the accepted replies."""
+        return counted
+
+    def report(self) -> dict[str, Any]:
+        """Facts about how the result was formed, for the round's record."""
+        return {}
+
+
+class StreamingMean(Aggregator):
     """Accumulates replies as they arrive; never holds more than one sum buffer per tensor."""
 
     def __init__(self) -> None:
@@ -15,7 +51,13 @@ class StreamingMean:
         self.total_weight = 0.0
         self.count = 0
 
-    def add(self, tensors: dict[str, torch.Tensor], weight: float, sender: str = "") -> None:
+    def add(
+        self,
+        tensors: dict[str, torch.Tensor],
+        weight: float,
+        sender: str = "",
+        meta: dict[str, Any] | None = None,
+    ) -> None:
         """Add ``weight * tensors`` (fp32 accumulation)."""
         if weight < 0:
             raise ValueError(f"aggregation weight must be >= 0, got {weight}")

@@ -121,6 +121,8 @@ class Coordinator:
         self._downlink: bytes | None = None
         self._restored = False
         self._aggregate: dict[str, torch.Tensor] = {}
+        self._outstanding: dict[str, tuple[int, Work]] = {}
+        """Silo -> (round, work) it was sent and has not answered yet."""
 
     def evaluate(self) -> float:
         return evaluate_loss(
@@ -164,6 +166,10 @@ class Coordinator:
             residual, _ = self.store.get_tensors(st["feedback_blob"])
             self.feedback.load_state_dict(residual)
         self._downlink = self.store.blobs.get(st["downlink_blob"])
+        self._outstanding = {
+            s: (int(r), Work(kind=k, steps=int(n), names=names, extra=extra))
+            for s, (r, k, n, names, extra) in st.get("outstanding", {}).items()
+        }
         history = [r for r in self.store.index.metrics() if r["round"] <= stored.round]
         self.totals = RunTotals.from_json(st["totals"], history)
         self.engine.restore_state(self.store, {**st["engine"], "silos": st.get("silos", {})})
@@ -193,12 +199,14 @@ class Coordinator:
             rnd = t.rounds + 1
             self.store.start_round(rnd)
             work = self.strategy.plan(rnd, self.engine.silos, total_steps - t.steps)
-            steps = max(w.steps for w in work.values())
+            self._outstanding.update({s: (rnd, w) for s, w in work.items()})
+            steps = max((w.steps for w in work.values()), default=0)
             if self.on_round_start:
                 self.on_round_start(rnd, steps)
             tokens_before = t.tokens
             result = self._round(rnd, work, downlink)
-            t.steps += steps
+            # Semi-async rounds: the mean steps of the updates taken (silos differ).
+            t.steps += result["steps"] if self.strategy.async_replies else steps
             down = len(downlink) * len(work) if downlink else 0
             t.bytes_up += result["bytes_up"]
             t.bytes_down += down
@@ -245,6 +253,7 @@ class Coordinator:
                 "compression_up": result["compression_up"],
                 "fragment": next(iter(work.values())).extra.get("fragment"),
                 "max_payload_bytes": result["max_payload_bytes"],
+                "decode_error": result["decode_error"],
             }
             self._commit(rnd, row, downlink, last)
             t.history.append(row)
@@ -257,17 +266,24 @@ class Coordinator:
 
     def _round(self, rnd: int, work: dict[str, Work], downlink: bytes | None) -> dict[str, Any]:
         cfg = self.cfg
-        timeout = cfg.round.timeout_s
+        timeout = self.strategy.deadline(cfg.round.timeout_s)
         closer = close_condition(cfg.round)
         agg = self.strategy.new_aggregator()
+        expected = len(self._outstanding)
+        started_at = self.engine.sim_time_s()
+        t0 = started_at if started_at is not None else time.time()
+        steps_taken: list[int] = []
         valid = seen = stragglers = rejected = bytes_up = tokens = 0
         values = decoded_bytes = max_payload = max_values = 0
         loss_sum = loss_w = 0.0
         last_arrival = 0.0
         accepted: list[str] = []
         closed = False
+        replied: set[str] = set()
         for reply in self.engine.run_round(rnd, work, downlink, timeout):
             seen += 1
+            replied.add(reply.silo)
+            sent_round, sent = self._outstanding.pop(reply.silo, (rnd, work.get(reply.silo)))
             size = len(reply.payload or b"")
             bytes_up += size
             max_payload = max(max_payload, size)
@@ -282,6 +298,10 @@ class Coordinator:
                     arrival_s=reply.arrival_s,
                     timeout_s=timeout,
                 )
+            elif sent is None:
+                rejected += 1
+                reason = "reply from a silo that was sent no work"
+                self.store.event("rejected", round=rnd, silo=reply.silo, reason=reason)
             elif reply.error is not None or reply.payload is None:
                 rejected += 1
                 reason = f"silo failed: {reply.error}"
@@ -294,18 +314,19 @@ class Coordinator:
                     validate_update(
                         payload,
                         run_id=self.run_id,
-                        round=rnd,
+                        round=sent_round,
                         silo=reply.silo,
                         kind=self.strategy.reply_kind,
                         params=self.params,
-                        names=work[reply.silo].names,
-                        shapes=work[reply.silo].extra.get("shapes"),
+                        names=sent.names,
+                        shapes=sent.extra.get("shapes"),
                     )
                 except (PayloadError, UpdateRejected) as e:
                     rejected += 1
                     reason = str(e)
                     self.store.event("rejected", round=rnd, silo=reply.silo, reason=reason)
                     log.warning("rejected update from %s in round %d: %s", reply.silo, rnd, e)
+            self.strategy.received(reply.silo, t0 + reply.arrival_s, reason is None)
             if reason is not None:
                 # Kept for debugging, marked invalid with the reason.
                 self.store.store_update(
@@ -319,7 +340,11 @@ class Coordinator:
                 )
                 continue
             w = self.strategy.weight(payload.meta)
-            agg.add(payload.tensors, w, sender=reply.silo)
+            staleness = rnd - sent_round
+            agg.add(
+                payload.tensors, w, sender=reply.silo, meta={**payload.meta, "staleness": staleness}
+            )
+            steps_taken.append(int(payload.meta.get("steps", 0)))
             self.store.store_update(
                 rnd,
                 reply.silo,
@@ -351,11 +376,30 @@ class Coordinator:
                 arrival_s=reply.arrival_s,
                 weight=w,
             )
-            if closer.should_close(valid, seen, len(work)):
+            if agg.done() or closer.should_close(valid, seen, expected):
                 closed = True
                 break
         duration = last_arrival if closed else timeout
         self.engine.close_round(duration)
+        if not self.strategy.async_replies:
+            for silo in list(self._outstanding):
+                # Its reply is no longer needed (or never came): discarded as a straggler.
+                del self._outstanding[silo]
+                stragglers += 1
+                self.store.event(
+                    "straggler", round=rnd, silo=silo, reason="round closed before its reply"
+                )
+        tokens = agg.tokens(tokens)
+        mean = agg.mean() if valid >= cfg.round.min_silos else None
+        report = agg.report()
+        if report:
+            self.store.event("aggregate", round=rnd, **report)
+            if not report.get("decode_exact", True):
+                log.warning(
+                    "round %d: arrivals do not decode exactly; approximate sum, error %.3g",
+                    rnd,
+                    report["decode_error"],
+                )
         t = self.totals
         t.stragglers += stragglers
         t.rejected += rejected
@@ -364,9 +408,10 @@ class Coordinator:
         t.max_buffer_bytes = max(t.max_buffer_bytes, agg.buffer_bytes)
         t.max_payload_bytes = max(t.max_payload_bytes, max_payload)
         t.max_payload_values = max(t.max_payload_values, max_values)
-        ok = valid >= cfg.round.min_silos
         return {
-            "mean": agg.mean() if ok else None,
+            "mean": mean,
+            "steps": round(sum(steps_taken) / len(steps_taken)) if steps_taken else 0,
+            "decode_error": report.get("decode_error"),
             "valid": valid,
             "accepted": accepted,
             "tokens": tokens,
@@ -428,6 +473,9 @@ class Coordinator:
             "aggregate_blob": store.put_tensors(self._aggregate),
             "downlink_blob": store.blobs.put(downlink),
             "totals": self.totals.to_json(),
+            "outstanding": {
+                s: [r, w.kind, w.steps, w.names, w.extra] for s, (r, w) in self._outstanding.items()
+            },
         }
         if self.feedback is not None:
             state["feedback_blob"] = store.put_tensors(self.feedback.state_dict())

@@ -5,10 +5,10 @@ from __future__ import annotations
 import math
 import random
 
-from fedtrain.config import SiloProfile
+from fedtrain.config import Config, SiloProfile
 from fedtrain.data.stream import derive_seed
 
-__all__ = ["SiloTiming", "VirtualClock", "transfer_time"]
+__all__ = ["SiloTiming", "StragglerModel", "VirtualClock", "transfer_time"]
 
 
 def transfer_time(nbytes: int, mbps: float, latency_ms: float) -> float:
@@ -62,3 +62,35 @@ class SiloTiming:
 
     def up_time(self, nbytes: int) -> float:
         return transfer_time(nbytes, self.profile.up_mbps, self.profile.latency_ms)
+
+
+class StragglerModel:
+    """Simulated stragglers beyond the profiles' fixed slowdowns: per-round dropouts (profile
+    ``dropout``) and a seeded (B, W, λ)-bursty pattern (``simulation.bursty_*``), during which a
+    silo's steps take ``straggler_slowdown`` times longer."""
+
+    def __init__(self, cfg: Config, silos: list[str]) -> None:
+        self.seed = cfg.run.seed
+        self.silos = silos
+        self.dropout = {n: p.dropout for n, p in zip(silos, cfg.silo_profiles(), strict=True)}
+        sim = cfg.simulation
+        self.factor = sim.straggler_slowdown
+        self.pattern: list[set[int]] = []
+        if sim.bursty_b:
+            from fedtrain.strategies.sgc import BurstyModel, bursty_pattern
+
+            model = BurstyModel(len(silos), sim.bursty_b, sim.bursty_w, sim.bursty_lambda)
+            rounds = cfg.total_inner_steps()  # an upper bound on the rounds of any strategy
+            rng = random.Random(derive_seed(self.seed, "bursty"))
+            self.pattern = bursty_pattern(model, rounds, sim.bursty_rate, rng)
+
+    def dropped(self, silo: str, round: int) -> bool:
+        p = self.dropout[silo]
+        return p > 0 and random.Random(derive_seed(self.seed, "dropout", round, silo)).random() < p
+
+    def straggling(self, round: int) -> set[int]:
+        """Silo indices in a bursty straggle in ``round`` (1-based)."""
+        return self.pattern[round - 1] if 0 < round <= len(self.pattern) else set()
+
+    def slowdown(self, silo: str, round: int) -> float:
+        return self.factor if self.silos.index(silo) in self.straggling(round) else 1.0

@@ -23,7 +23,7 @@ from fedtrain.config import Config
 from fedtrain.data.stream import TokenStream
 from fedtrain.models.llama import Llama
 from fedtrain.server.engine import Reply
-from fedtrain.simulation.clock import SiloTiming, VirtualClock
+from fedtrain.simulation.clock import SiloTiming, StragglerModel, VirtualClock
 from fedtrain.strategies.base import Work
 from fedtrain.transport.payload import decode_payload
 
@@ -72,6 +72,12 @@ class InProcessEngine:
             name: Ed25519PrivateKey.generate() if cfg.transport.sign_updates else None
             for name in self.silos
         }
+        coded = cfg.strategy.coding != "off"
+        # Coded work replicates the public shards (shard j = silo j's public share); the config
+        # refuses coding when any silo has private data.
+        shard_streams = [
+            TokenStream(t, cfg.run.seed, f"shard{j}") for j, t in enumerate(silo_tokens)
+        ]
         self.workers = {
             name: SiloWorker(
                 SiloTrainer(
@@ -81,6 +87,7 @@ class InProcessEngine:
                 transport=cfg.transport,
                 seed=cfg.run.seed,
                 signing_key=keys[name],
+                shards=shard_streams.__getitem__ if coded else None,
             )
             for name, tokens in zip(self.silos, silo_tokens, strict=True)
         }
@@ -101,9 +108,18 @@ class InProcessEngine:
             )
             for name, p in zip(self.silos, profiles, strict=True)
         }
+        self.stragglers = StragglerModel(cfg, self.silos)
         self.compute_s: dict[str, float] = dict.fromkeys(self.silos, 0.0)
         self.ready_at: dict[str, float] = dict.fromkeys(self.silos, 0.0)
         """Virtual time at which each silo finished its last work (it may train on from there)."""
+        self._inflight: list[tuple[float, int, Reply, tuple[float, float, float] | None]] = []
+        """Replies not yet taken: (virtual arrival, silo index, reply, (start, end, compute))."""
+        self.keep_late = cfg.strategy.scheduling == "compass"
+        """Semi-async rounds: work in flight at a round's close arrives in a later round."""
+        self._backlog: dict[int, bytes] = {}
+        """Broadcast of round r (keep_late only), until every silo has applied it."""
+        self._synced: dict[str, int] = dict.fromkeys(self.silos, 0)
+        """Last round whose broadcast each silo applied (keep_late only)."""
 
     def join(self, weights_payload: bytes) -> int:
         weights = decode_payload(weights_payload).tensors
@@ -119,29 +135,64 @@ class InProcessEngine:
         self, round: int, work: dict[str, Work], downlink: bytes | None, deadline_s: float
     ) -> Iterator[Reply]:
         start = self.clock.now
-        replies = []
+        if self.keep_late and downlink is not None:
+            self._backlog[round - 1] = downlink
         for idx, name in enumerate(self.silos):
             if name not in work:
                 continue
             worker, timing, w = self.workers[name], self.timing[name], work[name]
-            result = worker.handle(round, w, downlink, self.on_step)
+            down = self._catch_up(name, round) if self.keep_late else downlink
+            if self.stragglers.dropped(name, round):
+                # Down for this round: it catches up on the broadcast, sends nothing, and the
+                # coordinator hears at once that it is gone (as Flower reports a lost node).
+                worker.receive(down)
+                self.ready_at[name] = max(self.ready_at[name], start)
+                failed = Reply(name, None, 0.0, error="dropped out (simulated)")
+                self._inflight.append((start, idx, failed, None))
+                continue
+            result = worker.handle(round, w, down, self.on_step)
             # Per-silo timeline: the silo kept computing after its last send; it trains
             # `apply_at` steps (the overlap τ), then needs the broadcast, then finishes.
-            per_step = timing.compute_time(1, round)
+            per_step = timing.compute_time(1, round) * self.stragglers.slowdown(name, round)
             apply_at = int(w.extra.get("apply_at", 0))
             t = self.ready_at[name] + apply_at * per_step
-            if downlink is not None:
-                t = max(t, start + timing.down_time(len(downlink)))
+            if down is not None:
+                t = max(t, start + timing.down_time(len(down)))
+            busy_from = t - apply_at * per_step
             t += (result.stats.steps - apply_at) * per_step
-            self.ready_at[name] = t
-            self.compute_s[name] += result.stats.steps * per_step
-            arrival = t + timing.up_time(len(result.payload)) - start
-            replies.append(
-                (arrival, idx, Reply(silo=name, payload=result.payload, arrival_s=arrival))
-            )
-        replies.sort(key=lambda r: (r[0], r[1]))
-        for _, _, reply in replies:
-            yield reply
+            arrival = t + timing.up_time(len(result.payload))
+            span = (busy_from, t, result.stats.steps * per_step)
+            self._inflight.append((arrival, idx, Reply(name, result.payload, 0.0), span))
+        self._inflight.sort(key=lambda r: (r[0], r[1]))
+        while self._inflight:
+            at, _, reply, busy = self._inflight[0]
+            if self.keep_late and at - start > deadline_s:
+                break  # still in flight: it arrives in a later round
+            self._inflight.pop(0)
+            # Once taken, the silo's work counts; what is never taken is cancelled when the
+            # round closes (see close_round), unless rounds are semi-async.
+            if busy is not None:
+                self.ready_at[reply.silo] = busy[1]
+                self.compute_s[reply.silo] += busy[2]
+            yield Reply(reply.silo, reply.payload, at - start, error=reply.error)
+
+    def _catch_up(self, name: str, round: int) -> bytes | None:
+        """Apply every broadcast ``name`` missed while computing, but the last; return that one
+        (the silo applies it as the round's downlink) and charge all of them to its link."""
+        worker = self.workers[name]
+        missed = [
+            self._backlog[r] for r in range(self._synced[name] + 1, round) if r in self._backlog
+        ]
+        self._synced[name] = round - 1
+        for d in missed[:-1]:
+            worker.receive(d)
+        if len(missed) > 1:  # the earlier ones' transfer time delays the start
+            extra = sum(self.timing[name].down_time(len(d)) for d in missed[:-1])
+            self.ready_at[name] = max(self.ready_at[name], self.clock.now) + extra
+        oldest = min(self._synced.values())
+        for r in [r for r in self._backlog if r <= oldest]:
+            del self._backlog[r]
+        return missed[-1] if missed else None
 
     def finish(self, downlink: bytes | None) -> int:
         """Deliver the last outer update so every silo ends on the final global weights."""
@@ -159,6 +210,14 @@ class InProcessEngine:
             "ready_at": dict(self.ready_at),
             "measured_step_time_s": self.measured_step_time_s,
         }
+        if self.keep_late:
+            # Work in flight and broadcasts not yet applied are part of the run's state.
+            state["inflight"] = [
+                [at, idx, r.silo, store.blobs.put(r.payload) if r.payload else None, r.error, b]
+                for at, idx, r, b in self._inflight
+            ]
+            state["backlog"] = {str(r): store.blobs.put(d) for r, d in self._backlog.items()}
+            state["synced"] = dict(self._synced)
         if full:
             state["silos"] = {
                 name: store.put_tensors(*worker.state_tensors())
@@ -172,12 +231,34 @@ class InProcessEngine:
         self.clock.now = float(state["clock"])
         self.compute_s = {k: float(v) for k, v in state["compute_s"].items()}
         self.ready_at = {k: float(v) for k, v in state["ready_at"].items()}
+        if self.keep_late:
+            self._inflight = [
+                (
+                    float(at),
+                    int(idx),
+                    Reply(silo, store.blobs.get(blob) if blob else None, 0.0, error=error),
+                    tuple(busy) if busy is not None else None,
+                )
+                for at, idx, silo, blob, error, busy in state["inflight"]
+            ]
+            self._backlog = {int(r): store.blobs.get(b) for r, b in state["backlog"].items()}
+            self._synced = {k: int(v) for k, v in state["synced"].items()}
         for name, blob in state["silos"].items():
             tensors, meta = store.get_tensors(blob)
             self.workers[name].load_state_tensors(tensors, meta)
 
     def close_round(self, duration_s: float) -> None:
+        """Advance the clock; silos whose replies were not taken stop at the close (the next
+        round's message preempts their work) and are charged the compute they did until then."""
         self.clock.advance(duration_s)
+        if self.keep_late:
+            return
+        for _, _, reply, busy in self._inflight:
+            if busy is not None:
+                busy_from, _, compute = busy
+                self.compute_s[reply.silo] += min(compute, max(0.0, self.clock.now - busy_from))
+                self.ready_at[reply.silo] = max(self.ready_at[reply.silo], self.clock.now)
+        self._inflight = []
 
     def sim_time_s(self) -> float | None:
         return round(self.clock.now, 6)

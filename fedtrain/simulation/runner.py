@@ -29,6 +29,7 @@ from fedtrain.storage.plots import plot_metrics
 from fedtrain.storage.rundir import RunDir
 from fedtrain.storage.runstore import NoCheckpoint, RunStore
 from fedtrain.strategies import build_strategy
+from fedtrain.strategies.compass import CompassDiLoCo
 
 __all__ = [
     "NoRunToResume",
@@ -180,6 +181,8 @@ def build_simulation(
             cfg, run_id, data.silo_tokens, factory, on_step=progress.step, step_time_s=step_time_s
         )
         public_keys = engine.public_keys
+        if isinstance(strategy, CompassDiLoCo):
+            strategy.clock = engine.sim_time_s  # schedule on the virtual clock
     else:
         engine = make_engine(data, model, run_id)
     coord = Coordinator(

@@ -26,6 +26,35 @@ def build_strategy(
 ) -> Strategy:
     """The strategy named by ``cfg.strategy.name`` over the global ``params``."""
     s = cfg.strategy
+    if s.coding != "off":
+        from fedtrain.strategies.coded import CodedDiLoCo
+
+        fedavg = s.name == "fedavg"
+        return CodedDiLoCo(
+            params,
+            silos=cfg.data.silos,
+            stragglers=s.stragglers,
+            coding=s.coding,
+            inner_steps=cfg.train.inner_steps,
+            tokens_per_step=cfg.train.tokens_per_step,
+            lr=1.0 if fedavg else s.outer_lr,
+            momentum=0.0 if fedavg else s.outer_momentum,
+            nesterov=False if fedavg else s.nesterov,
+        )
+    if s.scheduling == "compass":
+        from fedtrain.strategies.compass import CompassDiLoCo
+
+        fedavg = s.name == "fedavg"
+        return CompassDiLoCo(
+            params,
+            inner_steps=cfg.train.inner_steps,
+            q_min=s.q_min,
+            q_max=s.q_max,
+            lr=1.0 if fedavg else s.outer_lr,
+            momentum=0.0 if fedavg else s.outer_momentum,
+            nesterov=False if fedavg else s.nesterov,
+            weighting=s.weighting,
+        )
     if s.name == "diloco":
         return DiLoCo(
             params,

@@ -58,6 +58,18 @@ class Strategy(ABC):
 
         return StreamingMean()
 
+    async_replies = False
+    """True when silos may still be computing when a round closes, their replies counting in a
+    later round (semi-asynchronous scheduling); False: unreturned work is discarded."""
+
+    def deadline(self, default: float) -> float:
+        """Seconds the coming round may last (default: the configured round timeout)."""
+        return default
+
+    def received(self, silo: str, at: float, ok: bool) -> None:
+        """A reply (``ok``) or failure from ``silo`` arrived at time ``at`` (engine clock)."""
+        return None  # synchronous strategies keep no per-silo schedule
+
     def broadcast(self, round: int) -> dict[str, Any]:
         """Metadata for a ``broadcast_codec`` broadcast."""
         return {}

@@ -6,14 +6,38 @@ organised in arrival groups with an expected time T_e and a latest time T_l = cr
 Q = ⌊(T_e − now)/v_i⌋ in [Q_min, Q_max]; if none fits it opens a new group with Q_max. Fast and
 slow silos then arrive together, so nobody waits for the slowest. Late updates are weighted by
 staleness s(τ) = (τ+1)^−0.5. (Pure scheduling; the clock is passed in as ``now``.)
+
+:class:`CompassDiLoCo` runs DiLoCo on it: H becomes per silo (H_i = Q_i), each round is one
+aggregation, closed when the earliest group's members are back (or at its T_l). Pseudo-gradients
+are normalised per inner step (Δ_i/H_i), weighted by tokens and staleness, and the outer step is
+scaled by the mean H of the contributors. Silos not in the closing group keep computing; their
+updates enter a later round with weight s(τ), τ = rounds since they were dispatched.
+Difference from the paper: an update that arrives before its own group closes is aggregated in
+the current round (with its staleness) instead of being held back for its group.
 """
 
 from __future__ import annotations
 
 import math
+import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
-__all__ = ["Assignment", "CompassScheduler", "Group", "staleness_weight"]
+import torch
+
+from fedtrain.server.aggregate import Aggregator
+from fedtrain.strategies.base import Work
+from fedtrain.strategies.diloco import DiLoCo
+
+__all__ = [
+    "Assignment",
+    "CompassDiLoCo",
+    "CompassMean",
+    "CompassScheduler",
+    "Group",
+    "staleness_weight",
+]
 
 
 def staleness_weight(tau: int) -> float:
@@ -74,13 +98,17 @@ class CompassScheduler:
                 best = (q, g)
         if best is None:
             q = self.q_max
-            g = Group(gid=self._next, expected=now + q * v, latest=now + 1.5 * q * v)
-            self.groups[g.gid] = g
-            self._next += 1
+            g = self.open_group(now + q * v, now + 1.5 * q * v)
         else:
             q, g = best
         g.members.add(silo)
         return Assignment(group=g.gid, steps=q, finish=now + q * v)
+
+    def open_group(self, expected: float, latest: float) -> Group:
+        g = Group(gid=self._next, expected=expected, latest=latest)
+        self.groups[g.gid] = g
+        self._next += 1
+        return g
 
     def arrive(self, silo: str, group: int) -> bool:
         """Record an arrival; True when the group is complete (aggregate now)."""
@@ -91,3 +119,158 @@ class CompassScheduler:
     def close(self, group: int) -> Group:
         """Aggregation done: the group is retired."""
         return self.groups.pop(group)
+
+
+class CompassMean(Aggregator):
+    """H̄ · Σ_i w_i·s(τ_i)·Δ_i/H_i / Σ_i w_i over a round's arrivals; done when every
+    outstanding member of the closing group is in."""
+
+    def __init__(self, target: set[str]) -> None:
+        self.target = set(target)
+        self._sum: dict[str, torch.Tensor] = {}
+        self.total = 0.0
+        self.steps: dict[str, int] = {}
+        self.staleness: dict[str, int] = {}
+
+    def add(
+        self,
+        tensors: dict[str, torch.Tensor],
+        weight: float,
+        sender: str = "",
+        meta: dict[str, Any] | None = None,
+    ) -> None:
+        m = meta or {}
+        h = max(1, int(m.get("steps", 1)))
+        tau = int(m.get("staleness", 0))
+        scale = weight * staleness_weight(tau) / h
+        for n, t in tensors.items():
+            if n in self._sum:
+                self._sum[n].add_(t.detach().float(), alpha=scale)
+            else:
+                self._sum[n] = t.detach().float() * scale
+        self.total += weight
+        self.steps[sender] = h
+        self.staleness[sender] = tau
+
+    def done(self) -> bool:
+        return bool(self.target) and self.target <= set(self.steps)
+
+    @property
+    def buffer_bytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self._sum.values())
+
+    def mean(self) -> dict[str, torch.Tensor] | None:
+        if self.total <= 0:
+            return None
+        h_mean = sum(self.steps.values()) / len(self.steps)
+        return {n: t * (h_mean / self.total) for n, t in self._sum.items()}
+
+    def report(self) -> dict[str, Any]:
+        return {"steps_by_silo": dict(self.steps), "staleness": dict(self.staleness)}
+
+
+class CompassDiLoCo(DiLoCo):
+    """DiLoCo with FedCompass scheduling (Li et al. ICLR 2024): per-silo H_i, arrival groups."""
+
+    name = "diloco-compass"
+    async_replies = True
+
+    def __init__(
+        self,
+        params: dict[str, torch.nn.Parameter],
+        *,
+        inner_steps: int,
+        q_min: int,
+        q_max: int,
+        clock: Callable[[], float | None] | None = None,
+        **outer: Any,
+    ) -> None:
+        super().__init__(params, inner_steps=inner_steps, **outer)
+        self.scheduler = CompassScheduler(q_min, q_max)
+        self.clock = clock or time.monotonic
+        """Seconds now: the engine's virtual clock in simulation (set by the runner)."""
+        self.outstanding: dict[str, tuple[int, float, int]] = {}
+        """Silo -> (group, dispatched at, steps) of its work in flight."""
+
+    def _now(self) -> float:
+        now = self.clock()
+        return float(now) if now is not None else time.monotonic()
+
+    def plan(self, round: int, silos: list[str], steps: int) -> dict[str, Work]:
+        now = self._now()
+        work: dict[str, Work] = {}
+        first: Group | None = None
+        for silo in silos:
+            if silo in self.outstanding:
+                continue  # still computing its last work
+            if silo in self.scheduler.speed:
+                a = self.scheduler.assign(silo, now)
+                gid, q = a.group, a.steps
+            else:  # speed unknown: a calibration group, everyone runs Q_max
+                if first is None:
+                    first = self.scheduler.open_group(math.inf, math.inf)
+                first.members.add(silo)
+                gid, q = first.gid, self.scheduler.q_max
+            q = max(1, min(q, steps))
+            self.outstanding[silo] = (gid, now, q)
+            work[silo] = Work(kind="train", steps=q, extra={"group": gid})
+        return work
+
+    def _target(self) -> Group | None:
+        """The open group that closes next: the earliest expected one with members out."""
+        live = {g for g, _, _ in self.outstanding.values()}
+        groups = [self.scheduler.groups[g] for g in live if g in self.scheduler.groups]
+        return min(groups, key=lambda g: (g.expected, g.gid)) if groups else None
+
+    def deadline(self, default: float) -> float:
+        """Seconds from now until the closing group's timer T_l fires (or ``default``)."""
+        g = self._target()
+        if g is None or math.isinf(g.latest):
+            return default
+        return max(0.0, min(default, g.latest - self._now()))
+
+    def new_aggregator(self) -> CompassMean:
+        g = self._target()
+        members = {s for s, (gid, _, _) in self.outstanding.items() if g and gid == g.gid}
+        return CompassMean(members)
+
+    def received(self, silo: str, at: float, ok: bool) -> None:
+        """A reply (or failure) from ``silo`` arrived at time ``at``: it is free again."""
+        if silo not in self.outstanding:
+            return
+        gid, since, steps = self.outstanding.pop(silo)
+        if ok:
+            self.scheduler.observe(silo, max(at - since, 1e-9), steps)
+        g = self.scheduler.groups.get(gid)
+        if g is not None:
+            g.members.discard(silo)
+            if not g.members:
+                self.scheduler.close(gid)
+
+    def state_tensors(self) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+        tensors, meta = super().state_tensors()
+        sch = self.scheduler
+        meta["compass"] = {
+            "speed": sch.speed,
+            "next": sch._next,
+            "groups": [
+                [g.gid, g.expected, g.latest, sorted(g.members), sorted(g.arrived)]
+                for g in sch.groups.values()
+            ],
+            "outstanding": {s: list(v) for s, v in self.outstanding.items()},
+        }
+        return tensors, meta
+
+    def load_state_tensors(self, tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> None:
+        super().load_state_tensors(tensors, meta)
+        c = meta["compass"]
+        sch = self.scheduler
+        sch.speed = {k: float(v) for k, v in c["speed"].items()}
+        sch._next = int(c["next"])
+        sch.groups = {
+            int(gid): Group(int(gid), float(e), float(lt), set(m), set(a))
+            for gid, e, lt, m, a in c["groups"]
+        }
+        self.outstanding = {
+            s: (int(g), float(t), int(q)) for s, (g, t, q) in c["outstanding"].items()
+        }

@@ -9,15 +9,27 @@ workers, a with B_Fᵀa = 1 gives Σ_{i∈F} a_i·y_i = Σ_j g_j exactly. Constr
 - cyclic real code from a DFT when n−s is odd: B is the circulant of the real coefficients of
   g(x) = Π_{k∈Z}(x − ω^k), Z = s consecutive exponents centred on n/2, ω = e^{2πi/n}.
 When neither applies, use s+1 (one more shard per worker): then n−(s+1) is odd.
+Tandon et al.'s random cyclic construction is available on request only: its decode
+coefficients can be huge (‖a‖₂ up to 6e4 measured), which multiplies quantization error.
 """
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 
 import numpy as np
 
-__all__ = ["Decoding", "choose_construction", "cyclic_matrix", "decode", "frc_matrix"]
+__all__ = [
+    "Decoding",
+    "choose_construction",
+    "cyclic_matrix",
+    "decode",
+    "frc_matrix",
+    "random_cyclic_matrix",
+]
+
+log = logging.getLogger(__name__)
 
 
 def frc_matrix(n: int, s: int) -> np.ndarray:
@@ -48,9 +60,28 @@ def cyclic_matrix(n: int, s: int) -> np.ndarray:
     return b
 
 
+def random_cyclic_matrix(n: int, s: int, seed: int = 0) -> np.ndarray:
+    """Tandon et al.'s random cyclic code: row i covers shards i..i+s (mod n) and lies in the
+    null space of a random s×n matrix H with H·1 = 0, so any n−s rows span a space holding 1."""
+    if s < 0 or s >= n:
+        raise ValueError(f"the random cyclic code needs 0 <= s < n; got n={n}, s={s}")
+    b = np.zeros((n, n))
+    if s == 0:
+        return np.eye(n)
+    rng = np.random.default_rng(seed)
+    h = rng.normal(size=(s, n))
+    h[:, -1] = -h[:, :-1].sum(axis=1)
+    for i in range(n):
+        support = [(i + k) % n for k in range(s + 1)]
+        b[i, support[0]] = 1.0
+        b[i, support[1:]] = np.linalg.solve(h[:, support[1:]], -h[:, support[0]])
+    return b
+
+
 def choose_construction(n: int, s: int, coding: str = "auto") -> tuple[str, int, np.ndarray]:
     """(name, effective s, B): FRC if (s+1) | n, else cyclic if n−s is odd, else cyclic with
-    s+1 shards per worker (one more than asked, so still tolerant to s stragglers)."""
+    s+1 shards per worker (one more than asked, so still tolerant to s stragglers); 'random'
+    only when asked for."""
     if coding in ("auto", "frc") and s < n and n % (s + 1) == 0:
         return "frc", s, frc_matrix(n, s)
     if coding == "frc":
@@ -60,6 +91,12 @@ def choose_construction(n: int, s: int, coding: str = "auto") -> tuple[str, int,
             return "cyclic", s, cyclic_matrix(n, s)
         if s + 1 < n:
             return "cyclic", s + 1, cyclic_matrix(n, s + 1)
+    if coding == "random":
+        log.warning(
+            "strategy.coding='random': decode coefficients of the random cyclic code can be "
+            "large (poorly conditioned), amplifying quantization error; prefer 'auto'"
+        )
+        return "random", s, random_cyclic_matrix(n, s)
     raise ValueError(f"no gradient code for n={n}, s={s} with coding={coding!r}")
 
 

@@ -19,6 +19,7 @@ from typing import Any
 
 import torch
 
+from fedtrain.server.aggregate import Aggregator
 from fedtrain.strategies.base import Strategy, Work
 
 __all__ = [
@@ -181,7 +182,7 @@ def replay(
             p.add_(direction(seed, i, p.numel(), kind).view_as(p), alpha=-lr * g / n)
 
 
-class CodeCollector:
+class CodeCollector(Aggregator):
     """Aggregation for ZO rounds: keep each silo's codes (K bytes), not a mean."""
 
     def __init__(self) -> None:
@@ -189,7 +190,13 @@ class CodeCollector:
         self.total_weight = 0.0
         self.count = 0
 
-    def add(self, tensors: dict[str, torch.Tensor], weight: float, sender: str = "") -> None:
+    def add(
+        self,
+        tensors: dict[str, torch.Tensor],
+        weight: float,
+        sender: str = "",
+        meta: dict[str, Any] | None = None,
+    ) -> None:
         self.codes[sender] = tensors["codes"].detach().clone()
         self.total_weight += weight
         self.count += 1
