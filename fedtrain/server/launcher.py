@@ -158,6 +158,11 @@ def run_server(opts: ServerOptions) -> int:
 
     config_path = opts.config or packaged_example("deploy")
     cfg = load_config(config_path, list(opts.overrides))
+    if cfg.strategy.coding != "off" or cfg.strategy.scheduling != "sync":
+        raise ValueError(
+            "strategy.coding and strategy.scheduling='compass' are simulation-only for now "
+            "(use `fedtrain simulate`); deployed rounds are synchronous and uncoded"
+        )
     run_dir = (opts.run_dir or Path("runs") / cfg.run.name).resolve()
     if (run_dir / "summary.json").exists():
         raise ValueError(f"{run_dir}: the run already finished; choose another --run-dir")

@@ -80,13 +80,15 @@ class BurstyModel:
 def bursty_pattern(
     model: BurstyModel, rounds: int, rate: float, rng: random.Random
 ) -> list[set[int]]:
-    """A random conforming pattern: each round a new burst (random worker, length 1..B) starts
-    with probability ``rate`` where the model allows it; running bursts continue."""
+    """A random conforming pattern: each round up to λ new bursts (random worker, length 1..B)
+    start, each with probability ``rate``, where the model allows them; running bursts go on."""
     pattern: list[set[int]] = []
     running: dict[int, int] = {}  # worker -> rounds of its burst still to come
     for _ in range(rounds):
         current = {w for w, left in running.items() if left > 0}
-        if rng.random() < rate:
+        for _ in range(model.lam):  # up to λ new bursts may start together
+            if rng.random() >= rate:
+                continue
             worker = rng.randrange(model.n)
             if worker not in current and model.allows(pattern, current | {worker}):
                 current.add(worker)

@@ -5,8 +5,14 @@ from __future__ import annotations
 import heapq
 
 import pytest
+import torch
 
-from fedtrain.strategies.compass import CompassScheduler, staleness_weight
+from fedtrain.strategies.compass import (
+    CompassDiLoCo,
+    CompassMean,
+    CompassScheduler,
+    staleness_weight,
+)
 
 
 def test_speed_is_an_ema_of_seconds_per_step():
@@ -100,3 +106,32 @@ def test_idle_fraction_drops_versus_synchronous_rounds():
     assert _idle_fraction(speeds, compass=True) < 0.01  # they arrive together: ~no waiting
     irregular = {"a": 1.0, "b": 1.3, "c": 2.7, "d": 4.0}
     assert _idle_fraction(irregular, compass=True) < 0.25 * _idle_fraction(irregular, False)
+
+
+def test_compass_mean_normalises_per_step_and_weights_staleness():
+    agg = CompassMean(target={"a", "b"})
+    one = {"w": torch.ones(3)}
+    agg.add(one, 100.0, sender="a", meta={"steps": 10, "staleness": 0})
+    assert not agg.done()
+    agg.add({"w": torch.full((3,), 4.0)}, 100.0, sender="b", meta={"steps": 40, "staleness": 3})
+    assert agg.done()
+    # H̄ · Σ w·s(τ)·Δ/H / Σ w = 25 · (100·1·1/10 + 100·0.5·4/40) / 200 = 25 · 15 / 200
+    assert torch.allclose(agg.mean()["w"], torch.full((3,), 25 * 15 / 200))
+    assert agg.report()["staleness"] == {"a": 0, "b": 3}
+
+
+def test_compass_diloco_plans_bounded_steps_and_tracks_work_in_flight():
+    w = torch.nn.Parameter(torch.zeros(2))
+    now = [0.0]
+    strat = CompassDiLoCo({"w": w}, inner_steps=20, q_min=5, q_max=20, clock=lambda: now[0])
+    first = strat.plan(1, ["fast", "slow"], steps=1000)
+    assert {s: x.steps for s, x in first.items()} == {"fast": 20, "slow": 20}  # calibration
+    assert isinstance(strat.new_aggregator(), CompassMean)
+    strat.received("fast", at=20.0, ok=True)  # 1 s per step
+    strat.received("slow", at=80.0, ok=True)  # 4 s per step
+    now[0] = 80.0
+    again = strat.plan(2, ["fast", "slow"], steps=1000)
+    assert all(5 <= x.steps <= 20 for x in again.values())
+    assert again["fast"].steps >= again["slow"].steps
+    assert strat.plan(3, ["fast", "slow"], steps=1000) == {}  # both still computing
+    assert 0 < strat.deadline(1e9) < 1e9  # the closing group's timer T_l

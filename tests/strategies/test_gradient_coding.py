@@ -6,7 +6,9 @@ import itertools
 
 import numpy as np
 import pytest
+import torch
 
+from fedtrain.strategies.coded import CodedSum
 from fedtrain.strategies.gradient_coding import (
     choose_construction,
     cyclic_matrix,
@@ -70,3 +72,62 @@ def test_invalid_requests_are_clear_errors():
         cyclic_matrix(8, 2)
     with pytest.raises(ValueError, match="coding='frc' needs"):
         choose_construction(7, 1, "frc")
+
+
+@pytest.mark.parametrize("n, s", [(5, 2), (6, 1), (7, 3), (9, 2)])
+def test_random_cyclic_code_decodes_every_subset_but_is_poorly_conditioned(n, s, caplog):
+    with caplog.at_level("WARNING"):
+        name, s_eff, b = choose_construction(n, s, "random")
+    assert name == "random" and s_eff == s and "conditioned" in caplog.text
+    assert all(np.count_nonzero(row) == s + 1 for row in b)
+    g = _grads(n)
+    truth = g.sum(axis=0)
+    norms = []
+    for arrived in itertools.combinations(range(n), n - s):
+        dec = decode(b, list(arrived))
+        assert dec.exact
+        got = dec.a @ (b @ g)
+        assert np.linalg.norm(got - truth) <= 1e-6 * np.linalg.norm(truth)
+        norms.append(np.linalg.norm(dec.a))
+    _, _, good = choose_construction(n, s)
+    best = max(
+        np.linalg.norm(decode(good, list(f)).a) for f in itertools.combinations(range(n), n - s)
+    )
+    assert max(norms) > best  # why it is last resort only
+
+
+def _coded_replies(b: np.ndarray, silos: list[str]) -> tuple[dict, torch.Tensor]:
+    gen = torch.Generator().manual_seed(0)
+    g = torch.randn(b.shape[0], 5, generator=gen, dtype=torch.float64)
+    y = {s: {"w": (torch.tensor(b[i]) @ g).float()} for i, s in enumerate(silos)}
+    return y, g.sum(dim=0) / b.shape[0]
+
+
+@pytest.mark.parametrize("n, s", [(4, 1), (5, 2), (6, 2)])
+def test_coded_sum_closes_when_decodable_and_returns_the_mean_shard_update(n, s):
+    _, _, b = choose_construction(n, s)
+    silos = [f"silo{i}" for i in range(n)]
+    y, truth = _coded_replies(b, silos)
+    for late in itertools.combinations(range(n), s):
+        agg = CodedSum(b, silos, shard_tokens=10)
+        assert not agg.done()
+        for i in range(n):
+            if i not in late:
+                agg.add(y[silos[i]], 1.0, sender=silos[i])
+        assert agg.done()
+        mean = agg.mean()
+        assert torch.allclose(mean["w"].double(), truth, rtol=1e-5, atol=1e-6)
+        assert agg.report()["decode_exact"] and agg.tokens(0) == n * 10
+
+
+def test_coded_sum_with_too_few_arrivals_reports_the_approximation_error():
+    _, _, b = choose_construction(6, 1)
+    silos = [f"silo{i}" for i in range(6)]
+    y, _ = _coded_replies(b, silos)
+    agg = CodedSum(b, silos, shard_tokens=1)
+    for s in ("silo0", "silo1", "silo2"):  # replica class {4, 5} missing
+        agg.add(y[s], 1.0, sender=s)
+    assert not agg.done()
+    assert agg.mean() is not None
+    report = agg.report()
+    assert report["decode_exact"] is False and report["decode_error"] > 0.5
