@@ -1,6 +1,6 @@
 """Stragglers on the virtual clock: sync DiLoCo vs gradient coding s=1 vs SR-SGC vs Compass.
 
-Two scenarios over 4 silos: one silo 4x slower all the time, and random (B=2, W=5, λ=1)-bursty
+Two scenarios over 4 silos: one silo 4x slower all the time, and random (B=2, W=3, λ=2)-bursty
 stragglers (a straggling silo's steps take 4x longer). For each method: mean round time, idle
 fraction (1 − compute/elapsed per silo) and compute spent per useful token, as ratios to the
 uncoded synchronous round with the same stragglers, plus eval loss at equal (virtual) wall time.
@@ -27,18 +27,18 @@ from fedtrain.simulation.runner import simulate
 from fedtrain.strategies.sgc import SRSGC, BurstyModel, bursty_pattern
 
 SILOS, STEP_S, SLOW, H = 4, 0.5, 4.0, 20
-BURSTY = {"b": 2, "w": 5, "lam": 1}
+BURSTY = {"b": 2, "w": 3, "lam": 2, "rate": 0.8}
 SCENARIOS = {
     "one silo 4x slower": [
         f"simulation.profiles=[{{name='fast', count={SILOS - 1}, step_time_s={STEP_S}}}, "
         f"{{name='slow', count=1, step_time_s={STEP_S}, slowdown={SLOW}}}]"
     ],
-    "bursty (B=2, W=5, λ=1)": [
+    "bursty (B=2, W=3, λ=2)": [
         f"simulation.profiles=[{{name='all', count={SILOS}, step_time_s={STEP_S}}}]",
         f"simulation.bursty_b={BURSTY['b']}",
         f"simulation.bursty_w={BURSTY['w']}",
         f"simulation.bursty_lambda={BURSTY['lam']}",
-        "simulation.bursty_rate=0.5",
+        f"simulation.bursty_rate={BURSTY['rate']}",
         f"simulation.straggler_slowdown={SLOW}",
     ],
 }
@@ -63,7 +63,7 @@ def _train(out: Path, sets: list[str]) -> dict[str, Any]:
     }
 
 
-def _sgc(scenario: str, rounds: int) -> dict[str, Any]:
+def _sgc(scenario: str, rounds: int, seed: int) -> dict[str, Any]:
     """SR-SGC on the same clock: job t = H steps on each of n shards; a worker computes s+1
     shards' worth per round; the master waits for its non-stragglers (all of them when the
     round breaks the straggler model)."""
@@ -71,8 +71,9 @@ def _sgc(scenario: str, rounds: int) -> dict[str, Any]:
     if scenario.startswith("one silo"):
         pattern = [{SILOS - 1} for _ in range(rounds)]
     else:
-        rng = random.Random(derive_seed(0, "bursty"))
-        pattern = bursty_pattern(model, rounds, 0.5, rng)
+        # The engine's pattern: same seed, generated round by round, so the same prefix.
+        rng = random.Random(derive_seed(seed, "bursty"))
+        pattern = bursty_pattern(model, rounds, BURSTY["rate"], rng)
     sgc = SRSGC(SILOS, model)
     task = (sgc.s + 1) * H * STEP_S
     elapsed = compute = 0.0
@@ -99,7 +100,7 @@ def _loss_at(curve: list[tuple[float, float]], t: float) -> float | None:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--rounds", type=int, default=6)
+    ap.add_argument("--rounds", type=int, default=10)
     ap.add_argument("--set", dest="overrides", action="append", default=[])
     args = ap.parse_args()
     out = Path(tempfile.mkdtemp(prefix="fedtrain-stragglers-"))
@@ -112,6 +113,7 @@ def main() -> None:
         f"run.rounds={args.rounds}",
         "run.eval_every_tokens=1",
         "run.eval_batches=16",
+        "round.min_silos=1",
         f"train.inner_steps={H}",
         "train.batch_size=8",
         "train.seq_len=64",
@@ -129,29 +131,34 @@ def main() -> None:
         }
         base_r = res["sync DiLoCo"]
         t_equal = min(r["curve"][-1][0] for r in res.values())
-        sgc = _sgc(scenario, args.rounds)
+        sgc = _sgc(scenario, args.rounds, load_config(None, base).run.seed)
         print(f"## {scenario}  (eval loss compared at t = {t_equal:.1f} s virtual)")
         print(
-            f"{'method':<16}{'round s':>9}{'ratio':>7}{'idle':>7}{'compute/token':>15}{'loss@t':>8}"
+            f"{'method':<16}{'round s':>9}{'ratio':>7}{'idle':>7}{'silo-s/token':>14}"
+            f"{'work':>6}{'loss@t':>8}"
         )
         for m, r in res.items():
             loss = _loss_at(r["curve"], t_equal)
             cpt = r["compute_per_token"] / base_r["compute_per_token"]
+            work = 2.0 if m.startswith("GC") else 1.0  # shards trained per shard used: s+1
             print(
                 f"{m:<16}{r['round_s']:>9.2f}{r['round_s'] / base_r['round_s']:>7.2f}"
-                f"{r['idle']:>7.1%}{cpt:>14.2f}x{loss if loss is not None else float('nan'):>8.3f}"
+                f"{r['idle']:>7.1%}{cpt:>13.2f}x{work:>5.1f}x"
+                f"{loss if loss is not None else float('nan'):>8.3f}"
             )
         sync_job = base_r["round_s"]  # one uncoded job per round: the same unit as SGC's
         print(
             f"{'SR-SGC s=' + str(sgc['s']):<16}{sgc['round_s']:>9.2f}"
             f"{sgc['round_s'] / sync_job:>7.2f}{sgc['idle']:>7.1%}"
-            f"{sgc['compute_per_job'] / (SILOS * H * STEP_S):>14.2f}x{'   (jobs)':>8}"
+            f"{sgc['compute_per_job'] / (SILOS * H * STEP_S):>13.2f}x{sgc['s'] + 1:>5.1f}x"
+            f"{'(jobs)':>8}"
             f"   waits for all: {sgc['waits']}/{args.rounds} rounds"
         )
         print()
     print(
-        "compute/token: silo compute per useful token vs sync (coding trains each shard s+1 "
-        "times: 2x at s=1). SR-SGC compute is per decoded job vs one uncoded job."
+        "silo-s/token: silo compute seconds per useful token vs sync (a 4x-slow silo's steps "
+        "cost 4x the seconds); work: shards trained per shard used (s+1 with coding). "
+        "SR-SGC: per decoded job vs one uncoded job."
     )
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
 from typing import Any
 
 import torch
@@ -9,10 +10,10 @@ import torch
 __all__ = ["Aggregator", "StreamingMean"]
 
 
-class Aggregator:
-    """How a round's accepted replies become the update the outer step uses (base: defaults
-    for the optional parts; subclasses implement ``add``, ``mean`` and ``buffer_bytes``)."""
+class Aggregator(ABC):
+    """How a round's accepted replies become the update the outer step uses."""
 
+    @abstractmethod
     def add(
         self,
         tensors: dict[str, torch.Tensor],
@@ -20,14 +21,16 @@ class Aggregator:
         sender: str = "",
         meta: dict[str, Any] | None = None,
     ) -> None:
-        raise NotImplementedError
+        """Take one accepted reply (``meta``: its metadata plus ``staleness`` in rounds)."""
 
+    @abstractmethod
     def mean(self) -> dict[str, torch.Tensor] | None:
-        raise NotImplementedError
+        """The update for the outer step, or None when nothing usable arrived."""
 
     @property
+    @abstractmethod
     def buffer_bytes(self) -> int:
-        raise NotImplementedError
+        """Bytes the aggregator holds."""
 
     def done(self) -> bool:
         """True when more replies cannot change the result (close the round now); by default

@@ -390,7 +390,8 @@ class Coordinator:
                     "straggler", round=rnd, silo=silo, reason="round closed before its reply"
                 )
         tokens = agg.tokens(tokens)
-        mean = agg.mean() if valid >= cfg.round.min_silos else None
+        # A decodable coded round holds every shard's update whatever the count of replies.
+        mean = agg.mean() if valid >= cfg.round.min_silos or agg.done() else None
         report = agg.report()
         if report:
             self.store.event("aggregate", round=rnd, **report)

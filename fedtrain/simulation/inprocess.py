@@ -218,6 +218,8 @@ class InProcessEngine:
             ]
             state["backlog"] = {str(r): store.blobs.put(d) for r, d in self._backlog.items()}
             state["synced"] = dict(self._synced)
+            blobs = [b[3] for b in state["inflight"] if b[3]] + list(state["backlog"].values())
+            state["blobs"] = sorted(set(blobs))
         if full:
             state["silos"] = {
                 name: store.put_tensors(*worker.state_tensors())

@@ -63,6 +63,9 @@ def _blob_ids(state: dict[str, Any]) -> set[str]:
             ids.add(value)
         elif key == "silos" and isinstance(value, dict):
             ids.update(v for v in value.values() if isinstance(v, str))
+        elif key == "engine" and isinstance(value, dict):
+            # Blobs an engine keeps inside its own state (work in flight, pending broadcasts).
+            ids.update(v for v in value.get("blobs", []) if isinstance(v, str))
     return ids
 
 

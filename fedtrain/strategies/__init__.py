@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 
-from fedtrain.config import Config
+from fedtrain.config import Config, StrategySection
 from fedtrain.strategies.base import OuterOptimizerStrategy, Strategy, Work
 from fedtrain.strategies.ddp import DataParallel
 from fedtrain.strategies.diloco import DiLoCo
@@ -21,6 +23,13 @@ __all__ = [
 ]
 
 
+def _outer(s: StrategySection) -> dict[str, Any]:
+    """Outer optimizer settings: the configured ones, or FedAvg's (SGD lr 1, no momentum)."""
+    if s.name == "fedavg":
+        return {"lr": 1.0, "momentum": 0.0, "nesterov": False}
+    return {"lr": s.outer_lr, "momentum": s.outer_momentum, "nesterov": s.nesterov}
+
+
 def build_strategy(
     cfg: Config, params: dict[str, torch.nn.Parameter], run_id: str = ""
 ) -> Strategy:
@@ -29,7 +38,6 @@ def build_strategy(
     if s.coding != "off":
         from fedtrain.strategies.coded import CodedDiLoCo
 
-        fedavg = s.name == "fedavg"
         return CodedDiLoCo(
             params,
             silos=cfg.data.silos,
@@ -37,23 +45,18 @@ def build_strategy(
             coding=s.coding,
             inner_steps=cfg.train.inner_steps,
             tokens_per_step=cfg.train.tokens_per_step,
-            lr=1.0 if fedavg else s.outer_lr,
-            momentum=0.0 if fedavg else s.outer_momentum,
-            nesterov=False if fedavg else s.nesterov,
+            **_outer(s),
         )
     if s.scheduling == "compass":
         from fedtrain.strategies.compass import CompassDiLoCo
 
-        fedavg = s.name == "fedavg"
         return CompassDiLoCo(
             params,
             inner_steps=cfg.train.inner_steps,
             q_min=s.q_min,
             q_max=s.q_max,
-            lr=1.0 if fedavg else s.outer_lr,
-            momentum=0.0 if fedavg else s.outer_momentum,
-            nesterov=False if fedavg else s.nesterov,
             weighting=s.weighting,
+            **_outer(s),
         )
     if s.name == "diloco":
         return DiLoCo(

@@ -26,7 +26,7 @@ from typing import Any
 
 import torch
 
-from fedtrain.server.aggregate import Aggregator
+from fedtrain.server.aggregate import StreamingMean
 from fedtrain.strategies.base import Work
 from fedtrain.strategies.diloco import DiLoCo
 
@@ -121,14 +121,14 @@ class CompassScheduler:
         return self.groups.pop(group)
 
 
-class CompassMean(Aggregator):
+class CompassMean(StreamingMean):
     """H̄ · Σ_i w_i·s(τ_i)·Δ_i/H_i / Σ_i w_i over a round's arrivals; done when every
     outstanding member of the closing group is in."""
 
     def __init__(self, target: set[str]) -> None:
+        super().__init__()
         self.target = set(target)
-        self._sum: dict[str, torch.Tensor] = {}
-        self.total = 0.0
+        self.token_weight = 0.0
         self.steps: dict[str, int] = {}
         self.staleness: dict[str, int] = {}
 
@@ -142,28 +142,19 @@ class CompassMean(Aggregator):
         m = meta or {}
         h = max(1, int(m.get("steps", 1)))
         tau = int(m.get("staleness", 0))
-        scale = weight * staleness_weight(tau) / h
-        for n, t in tensors.items():
-            if n in self._sum:
-                self._sum[n].add_(t.detach().float(), alpha=scale)
-            else:
-                self._sum[n] = t.detach().float() * scale
-        self.total += weight
+        super().add(tensors, weight * staleness_weight(tau) / h, sender)
+        self.token_weight += weight
         self.steps[sender] = h
         self.staleness[sender] = tau
 
     def done(self) -> bool:
         return bool(self.target) and self.target <= set(self.steps)
 
-    @property
-    def buffer_bytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in self._sum.values())
-
     def mean(self) -> dict[str, torch.Tensor] | None:
-        if self.total <= 0:
+        if self.token_weight <= 0:
             return None
-        h_mean = sum(self.steps.values()) / len(self.steps)
-        return {n: t * (h_mean / self.total) for n, t in self._sum.items()}
+        scale = sum(self.steps.values()) / len(self.steps) / self.token_weight
+        return {n: t * scale for n, t in self._sum.items()}
 
     def report(self) -> dict[str, Any]:
         return {"steps_by_silo": dict(self.steps), "staleness": dict(self.staleness)}

@@ -7,6 +7,10 @@ the no-straggler run's; Compass gives fast silos more steps and idles less than 
 from __future__ import annotations
 
 import json
+import os
+import signal
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -118,3 +122,53 @@ def test_compass_gives_fast_silos_more_steps_and_idles_less(tmp_path):
     util = [r["summary"]["compute_utilisation"] for r in (sync, compass)]
     assert util[1] > util[0]
     assert compass["summary"]["rounds_failed"] == 0
+
+
+COMPASS_CLI = [
+    "model.preset=tiny",
+    "data.tokenizer=byte",
+    "data.silos=3",
+    "data.max_chars=300000",
+    "run.rounds=7",
+    "run.eval_batches=4",
+    "round.min_silos=1",
+    "train.inner_steps=20",
+    "train.batch_size=4",
+    "train.seq_len=32",
+    "train.threads=1",
+    "strategy.scheduling=compass",
+    "strategy.q_min=8",
+    "strategy.q_max=20",
+    # The 4x silo would get Q = 5 < q_min in the fast group: it opens its own group.
+    "simulation.profiles=[{name='x1', count=2, step_time_s=1.0}, "
+    "{name='x4', count=1, step_time_s=1.0, slowdown=4.0}]",
+]
+
+
+def _cli(run_dir: Path, resume: bool = False, kill_at: str | None = None):
+    args = [sys.executable, "-m", "fedtrain.cli.main", "simulate", "--quiet"]
+    args += ["--run-dir", str(run_dir)]
+    if resume:
+        args.append("--resume")
+    else:
+        for o in COMPASS_CLI:
+            args += ["--set", o]
+    env = {k: v for k, v in os.environ.items() if k != "FEDTRAIN_KILL_AT"}
+    if kill_at:
+        env["FEDTRAIN_KILL_AT"] = kill_at
+    return subprocess.run(args, capture_output=True, text=True, env=env, timeout=180)
+
+
+def test_compass_resume_keeps_work_in_flight(tmp_path):
+    ref, run = tmp_path / "ref", tmp_path / "run"
+    assert _cli(ref).returncode == 0
+    events = [json.loads(x) for x in (ref / "events.jsonl").read_text().splitlines()]
+    stale = [e for e in events if e["event"] == "aggregate" and any(e["staleness"].values())]
+    assert stale  # the 4x silo's updates arrive rounds later, weighted by staleness
+    assert _cli(run, kill_at="published@3").returncode == -signal.SIGKILL
+    resumed = _cli(run, resume=True)
+    assert resumed.returncode == 0, resumed.stderr
+    a, b = load_file(run / "model.safetensors"), load_file(ref / "model.safetensors")
+    assert all(bool((a[k] == b[k]).all()) for k in a)
+    rows = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["round"] for r in rows] == list(range(1, 8))
