@@ -125,9 +125,11 @@ class CompassMean(StreamingMean):
     """H̄ · Σ_i w_i·s(τ_i)·Δ_i/H_i / Σ_i w_i over a round's arrivals; done when every
     outstanding member of the closing group is in."""
 
-    def __init__(self, target: set[str]) -> None:
+    def __init__(self, target: set[str], first: bool = False) -> None:
         super().__init__()
         self.target = set(target)
+        self.first = first
+        """Close at the first arrival (no group is due, only late work is out)."""
         self.token_weight = 0.0
         self.steps: dict[str, int] = {}
         self.staleness: dict[str, int] = {}
@@ -148,6 +150,8 @@ class CompassMean(StreamingMean):
         self.staleness[sender] = tau
 
     def done(self) -> bool:
+        if self.first:
+            return bool(self.steps)
         return bool(self.target) and self.target <= set(self.steps)
 
     def mean(self) -> dict[str, torch.Tensor] | None:
@@ -208,9 +212,15 @@ class CompassDiLoCo(DiLoCo):
         return work
 
     def _target(self) -> Group | None:
-        """The open group that closes next: the earliest expected one with members out."""
+        """The group that closes next: the earliest expected one with members out whose timer
+        T_l has not fired (members of a fired group are late: they count when they arrive)."""
+        now = self._now()
         live = {g for g, _, _ in self.outstanding.values()}
-        groups = [self.scheduler.groups[g] for g in live if g in self.scheduler.groups]
+        groups = [
+            self.scheduler.groups[g]
+            for g in live
+            if g in self.scheduler.groups and self.scheduler.groups[g].latest > now
+        ]
         return min(groups, key=lambda g: (g.expected, g.gid)) if groups else None
 
     def deadline(self, default: float) -> float:
@@ -222,8 +232,9 @@ class CompassDiLoCo(DiLoCo):
 
     def new_aggregator(self) -> CompassMean:
         g = self._target()
-        members = {s for s, (gid, _, _) in self.outstanding.items() if g and gid == g.gid}
-        return CompassMean(members)
+        if g is None:  # only late work is out: aggregate as soon as any of it arrives
+            return CompassMean(set(), first=True)
+        return CompassMean({s for s, (gid, _, _) in self.outstanding.items() if gid == g.gid})
 
     def received(self, silo: str, at: float, ok: bool) -> None:
         """A reply (or failure) from ``silo`` arrived at time ``at``: it is free again."""
