@@ -9,7 +9,7 @@ job level on the same clock (its jobs must be independent — e.g. concurrent ru
 no single learning curve here).
 
     python bench/stragglers.py
-    python bench/stragglers.py --rounds 10 --set model.preset=mini
+    python bench/stragglers.py --only bursty --rounds 20 --set model.preset=mini
 """
 
 from __future__ import annotations
@@ -101,6 +101,7 @@ def _loss_at(curve: list[tuple[float, float]], t: float) -> float | None:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--rounds", type=int, default=10)
+    ap.add_argument("--only", choices=["slow", "bursty"], default=None, help="one scenario")
     ap.add_argument("--set", dest="overrides", action="append", default=[])
     args = ap.parse_args()
     out = Path(tempfile.mkdtemp(prefix="fedtrain-stragglers-"))
@@ -125,6 +126,10 @@ def main() -> None:
     ]
     print(f"{SILOS} silos, H={H}, {STEP_S} s/step (virtual), {args.rounds} rounds\n")
     for scenario, sets in SCENARIOS.items():
+        if args.only and not scenario.startswith(
+            {"slow": "one silo", "bursty": "bursty"}[args.only]
+        ):
+            continue
         res = {
             m: _train(out / f"{scenario[:3]}-{m[:4]}".replace(" ", "_"), [*base, *sets, *x])
             for m, x in METHODS.items()
