@@ -251,7 +251,7 @@ class Coordinator:
                 "buffer_bytes": result["buffer_bytes"],
                 "codec": cfg.transport.codec,
                 "compression_up": result["compression_up"],
-                "fragment": next(iter(work.values())).extra.get("fragment"),
+                "fragment": next((w.extra.get("fragment") for w in work.values()), None),
                 "max_payload_bytes": result["max_payload_bytes"],
                 "decode_error": result["decode_error"],
             }

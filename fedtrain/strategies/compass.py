@@ -125,11 +125,12 @@ class CompassMean(StreamingMean):
     """H̄ · Σ_i w_i·s(τ_i)·Δ_i/H_i / Σ_i w_i over a round's arrivals; done when every
     outstanding member of the closing group is in."""
 
-    def __init__(self, target: set[str], first: bool = False) -> None:
+    def __init__(self, target: set[str], latest: float = math.inf) -> None:
         super().__init__()
         self.target = set(target)
-        self.first = first
-        """Close at the first arrival (no group is due, only late work is out)."""
+        self.latest = latest
+        """The closing group's timer T_l: from then on, any arrival closes the round."""
+        self.last_arrival = -math.inf
         self.token_weight = 0.0
         self.steps: dict[str, int] = {}
         self.staleness: dict[str, int] = {}
@@ -150,9 +151,9 @@ class CompassMean(StreamingMean):
         self.staleness[sender] = tau
 
     def done(self) -> bool:
-        if self.first:
-            return bool(self.steps)
-        return bool(self.target) and self.target <= set(self.steps)
+        if not self.steps:
+            return False
+        return self.target <= set(self.steps) or self.last_arrival >= self.latest
 
     def mean(self) -> dict[str, torch.Tensor] | None:
         if self.token_weight <= 0:
@@ -186,6 +187,7 @@ class CompassDiLoCo(DiLoCo):
         """Seconds now: the engine's virtual clock in simulation (set by the runner)."""
         self.outstanding: dict[str, tuple[int, float, int]] = {}
         """Silo -> (group, dispatched at, steps) of its work in flight."""
+        self._agg: CompassMean | None = None
 
     def _now(self) -> float:
         now = self.clock()
@@ -223,21 +225,22 @@ class CompassDiLoCo(DiLoCo):
         ]
         return min(groups, key=lambda g: (g.expected, g.gid)) if groups else None
 
-    def deadline(self, default: float) -> float:
-        """Seconds from now until the closing group's timer T_l fires (or ``default``)."""
-        g = self._target()
-        if g is None or math.isinf(g.latest):
-            return default
-        return max(0.0, min(default, g.latest - self._now()))
-
     def new_aggregator(self) -> CompassMean:
+        """Closes when the next group is back, or at the first arrival after its timer T_l
+        (nothing to aggregate at T_l: the round waits for the first update); only late work
+        out: at the first arrival."""
         g = self._target()
-        if g is None:  # only late work is out: aggregate as soon as any of it arrives
-            return CompassMean(set(), first=True)
-        return CompassMean({s for s, (gid, _, _) in self.outstanding.items() if gid == g.gid})
+        if g is None:
+            self._agg = CompassMean(set(), latest=-math.inf)
+        else:
+            members = {s for s, (gid, _, _) in self.outstanding.items() if gid == g.gid}
+            self._agg = CompassMean(members, latest=g.latest)
+        return self._agg
 
     def received(self, silo: str, at: float, ok: bool) -> None:
         """A reply (or failure) from ``silo`` arrived at time ``at``: it is free again."""
+        if self._agg is not None:
+            self._agg.last_arrival = at
         if silo not in self.outstanding:
             return
         gid, since, steps = self.outstanding.pop(silo)

@@ -134,4 +134,10 @@ def test_compass_diloco_plans_bounded_steps_and_tracks_work_in_flight():
     assert all(5 <= x.steps <= 20 for x in again.values())
     assert again["fast"].steps >= again["slow"].steps
     assert strat.plan(3, ["fast", "slow"], steps=1000) == {}  # both still computing
-    assert 0 < strat.deadline(1e9) < 1e9  # the closing group's timer T_l
+    agg = strat.new_aggregator()
+    assert agg.target == {"fast", "slow"} and agg.latest == 80.0 + 1.5 * 20 * 1.0  # T_l
+    strat.received("fast", at=95.0, ok=True)
+    agg.add({"w": torch.ones(2)}, 1.0, sender="fast", meta={"steps": 15})
+    assert not agg.done()  # the slow member is still due before T_l
+    agg.last_arrival = 111.0  # an arrival past T_l: the timer forces aggregation
+    assert agg.done()
