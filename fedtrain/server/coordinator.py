@@ -266,7 +266,7 @@ class Coordinator:
 
     def _round(self, rnd: int, work: dict[str, Work], downlink: bytes | None) -> dict[str, Any]:
         cfg = self.cfg
-        timeout = self.strategy.deadline(cfg.round.timeout_s)
+        timeout = cfg.round.timeout_s
         closer = close_condition(cfg.round)
         agg = self.strategy.new_aggregator()
         expected = len(self._outstanding)
@@ -279,10 +279,8 @@ class Coordinator:
         last_arrival = 0.0
         accepted: list[str] = []
         closed = False
-        replied: set[str] = set()
         for reply in self.engine.run_round(rnd, work, downlink, timeout):
             seen += 1
-            replied.add(reply.silo)
             sent_round, sent = self._outstanding.pop(reply.silo, (rnd, work.get(reply.silo)))
             size = len(reply.payload or b"")
             bytes_up += size

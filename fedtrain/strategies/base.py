@@ -62,10 +62,6 @@ class Strategy(ABC):
     """True when silos may still be computing when a round closes, their replies counting in a
     later round (semi-asynchronous scheduling); False: unreturned work is discarded."""
 
-    def deadline(self, default: float) -> float:
-        """Seconds the coming round may last (default: the configured round timeout)."""
-        return default
-
     def received(self, silo: str, at: float, ok: bool) -> None:
         """A reply (``ok``) or failure from ``silo`` arrived at time ``at`` (engine clock)."""
         return None  # synchronous strategies keep no per-silo schedule

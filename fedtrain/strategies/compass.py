@@ -8,7 +8,8 @@ slow silos then arrive together, so nobody waits for the slowest. Late updates a
 staleness s(τ) = (τ+1)^−0.5. (Pure scheduling; the clock is passed in as ``now``.)
 
 :class:`CompassDiLoCo` runs DiLoCo on it: H becomes per silo (H_i = Q_i), each round is one
-aggregation, closed when the earliest group's members are back (or at its T_l). Pseudo-gradients
+aggregation, closed when the earliest group's members are back (or, past its T_l, at the next
+arrival). Pseudo-gradients
 are normalised per inner step (Δ_i/H_i), weighted by tokens and staleness, and the outer step is
 scaled by the mean H of the contributors. Silos not in the closing group keep computing; their
 updates enter a later round with weight s(τ), τ = rounds since they were dispatched.
