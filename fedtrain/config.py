@@ -10,6 +10,7 @@ import dataclasses
 import hashlib
 import json
 import sys
+import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -368,8 +369,26 @@ class RoundSection:
     """Quorum: a round commits only with at least this many valid updates."""
     close_when: str = "all"
     """'all' (wait for every silo until the deadline) or 'quorum' (close at min_silos replies)."""
+    tree: int | list[Any] = 0
+    """Hierarchical aggregation: 0 = flat; k >= 2 = fan-out k; or leaf sizes, e.g. [[2, 2], 4]."""
+    accumulate: str = "float"
+    """Sums of updates: 'float' (fp32) or 'int64' (fixed point: bitwise equal for any tree)."""
+    fraction_bits: int = 32
+    """int64 accumulation: fractional bits (each w·Δ is rounded to a multiple of 2^-bits)."""
 
     def __post_init__(self) -> None:
+        _check(
+            self.accumulate in ("float", "int64"),
+            "round.accumulate",
+            "'float' or 'int64'",
+            self.accumulate,
+        )
+        _check(
+            8 <= self.fraction_bits <= 52,
+            "round.fraction_bits",
+            "an integer in [8, 52]",
+            self.fraction_bits,
+        )
         _check(self.timeout_s > 0, "round.timeout_s", "a number > 0", self.timeout_s)
         _check(self.min_silos >= 1, "round.min_silos", "an integer >= 1", self.min_silos)
         _check(
@@ -398,6 +417,13 @@ class SiloProfile:
     """One-way latency added to every transfer, in ms."""
     dropout: float = 0.0
     """Probability that the silo drops out of a round (no reply; it catches up next round)."""
+    gpu: str = ""
+    """Hardware profile ('h100', 'h200', 'a100'): with ``step_time_s = 0`` the step time is
+    derived from the model's FLOPs (6 x params x tokens per step) / (peak bf16 x gpus x mfu)."""
+    gpus: int = 1
+    """GPUs per silo (with ``gpu``)."""
+    mfu: float = 0.4
+    """Model FLOPs utilisation the silo sustains (with ``gpu``)."""
 
     def __post_init__(self) -> None:
         key = f"simulation.profiles[{self.name}]"
@@ -408,12 +434,23 @@ class SiloProfile:
         _check(self.down_mbps > 0, f"{key}.down_mbps", "a number > 0", self.down_mbps)
         _check(self.latency_ms >= 0, f"{key}.latency_ms", "a number >= 0", self.latency_ms)
         _check(0.0 <= self.dropout < 1.0, f"{key}.dropout", "a number in [0, 1)", self.dropout)
+        from fedtrain.simulation.hardware import HARDWARE
+
+        _check(
+            self.gpu in ("", *HARDWARE),
+            f"{key}.gpu",
+            "'' or one of " + ", ".join(repr(g) for g in HARDWARE),
+            self.gpu,
+        )
+        _check(self.gpus >= 1, f"{key}.gpus", "an integer >= 1", self.gpus)
+        _check(0.0 < self.mfu <= 1.0, f"{key}.mfu", "a number in (0, 1]", self.mfu)
 
 
 @dataclass(kw_only=True, slots=True)
 class SimulationSection:
     engine: str = "inprocess"
-    """Simulation engine: 'inprocess' (all silos in this process, virtual clock)."""
+    """Simulation engine: 'inprocess' (all silos in this process, virtual clock) or 'flower'
+    (Flower's ServerApp/ClientApp under its simulation runtime on Ray; no virtual clock)."""
     profiles: list[SiloProfile] = field(default_factory=list)
     """Silo hardware/network profiles; empty = every silo gets the default profile."""
     step_time_jitter: float = 0.0
@@ -428,6 +465,10 @@ class SimulationSection:
     """Bursty stragglers: chance per round that a new burst starts (where the model allows)."""
     straggler_slowdown: float = 4.0
     """Step-time multiplier of a silo while it is in a bursty straggle."""
+    analytic_params: float = 0.0
+    """Analytic mode (``fedtrain simulate --analytic``): model parameters (0 = the preset's)."""
+    analytic_layers: int = 0
+    """Analytic mode: transformer layers (0 = the preset's)."""
 
     def __post_init__(self) -> None:
         _check(self.bursty_b >= 0, "simulation.bursty_b", "an integer >= 0", self.bursty_b)
@@ -455,7 +496,24 @@ class SimulationSection:
             "a number >= 1",
             self.straggler_slowdown,
         )
-        _check(self.engine in ("inprocess",), "simulation.engine", "'inprocess'", self.engine)
+        _check(
+            self.engine in ("inprocess", "flower"),
+            "simulation.engine",
+            "'inprocess' or 'flower'",
+            self.engine,
+        )
+        _check(
+            self.analytic_params >= 0,
+            "simulation.analytic_params",
+            "a number >= 0",
+            self.analytic_params,
+        )
+        _check(
+            self.analytic_layers >= 0,
+            "simulation.analytic_layers",
+            "an integer >= 0",
+            self.analytic_layers,
+        )
         _check(
             self.step_time_jitter >= 0,
             "simulation.step_time_jitter",
@@ -515,9 +573,44 @@ class Config:
                 tau,
             )
         self._check_stragglers()
+        self._check_tree()
         names = set(self.silo_names())
         for silo in self.data.silo_data:
             _check(silo in names, "data.silo_data", f"keys among silo names {sorted(names)}", silo)
+
+    def _check_tree(self) -> None:
+        r, st = self.round, self.strategy
+        from fedtrain.server.tree import parse_tree
+
+        try:
+            tree = parse_tree(r.tree, self.data.silos)
+        except ValueError as e:
+            raise ConfigError(f"round.tree: {r.tree!r} is not allowed; expected {e}") from None
+        if tree is None and r.accumulate == "float":
+            return
+        key, value = ("round.tree", r.tree) if tree is not None else ("round.accumulate", "int64")
+        off = "0 (flat)" if tree is not None else "'float'"
+        _check(
+            st.name in ("diloco", "fedavg", "streaming"),
+            key,
+            f"{off} with strategy.name = {st.name!r} (trees and int64 sums serve the weighted "
+            "mean of DiLoCo, FedAvg and Streaming DiLoCo updates)",
+            value,
+        )
+        _check(
+            st.coding == "off",
+            key,
+            f"{off} with strategy.coding = {st.coding!r} (the gradient-code decode needs each "
+            "reply with its own coefficient, known only when the round closes)",
+            value,
+        )
+        _check(
+            st.scheduling == "sync",
+            key,
+            f"{off} with strategy.scheduling = {st.scheduling!r} (compass merges arrival "
+            "groups with staleness weights in its own aggregator)",
+            value,
+        )
 
     def _check_stragglers(self) -> None:
         st = self.strategy
@@ -630,6 +723,20 @@ def _coerce(tp: Any, value: Any, key: str) -> Any:
     origin = typing.get_origin(tp)
     if isinstance(tp, type) and dataclasses.is_dataclass(tp):
         return _build(tp, value, key)
+    if tp is Any:
+        return value  # checked by the section's __post_init__
+    if origin is types.UnionType:
+        for option in typing.get_args(tp):
+            try:
+                return _coerce(option, value, key)
+            except ConfigError:
+                pass
+        words = {int: "an integer", float: "a number", str: "a string", bool: "true or false"}
+        names = [
+            words.get(o, "a list" if typing.get_origin(o) is list else str(o))
+            for o in typing.get_args(tp)
+        ]
+        raise ConfigError(f"{key}: expected {' or '.join(names)}, got {value!r}")
     if origin is list:
         (item,) = typing.get_args(tp)
         if not isinstance(value, list):

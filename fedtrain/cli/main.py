@@ -5,8 +5,10 @@ from __future__ import annotations
 import typer
 
 from fedtrain.cli import deploy as deploy_cmd
+from fedtrain.cli import report as report_cmd
 from fedtrain.cli import simulate as simulate_cmd
 from fedtrain.cli import store as store_cmd
+from fedtrain.cli import sweep as sweep_cmd
 
 __all__ = ["app", "main"]
 
@@ -18,6 +20,8 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
 )
 app.command("simulate")(simulate_cmd.simulate)
+app.command("sweep")(sweep_cmd.sweep)
+app.command("report")(report_cmd.report)
 app.command("server")(deploy_cmd.server)
 app.command("client")(deploy_cmd.client)
 app.add_typer(deploy_cmd.keys_app, name="keys")

@@ -136,6 +136,22 @@ class Daemon:
             self._snapshot()
             log.info("silo %s joined run %s (%s)", self.silo, run_id, sd.source)
 
+    def reopen(self, run_id: str) -> bool:
+        """Open ``run_id`` from this work dir (its manifest, tokenizer and newest snapshot), as
+        a process that serves the silo for one message does; False if the silo never joined it."""
+        if not run_id or Path(run_id).name != run_id or run_id.startswith("."):
+            return False
+        run_dir = self.work_dir / "runs" / run_id
+        if not (run_dir / "manifest.json").exists() or not self._has_snapshot(run_dir):
+            return False
+        manifest = json.loads((run_dir / "manifest.json").read_text())
+        self._open_run(manifest, (run_dir / "tokenizer.json").read_bytes())
+        return True
+
+    @staticmethod
+    def _has_snapshot(run_dir: Path) -> bool:
+        return any((p / "state.json").exists() for p in run_dir.glob("round-*"))
+
     def _snapshots(self) -> list[Path]:
         assert self.run_dir is not None
         return sorted(p for p in self.run_dir.glob("round-*") if (p / "state.json").exists())

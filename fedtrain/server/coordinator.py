@@ -255,6 +255,9 @@ class Coordinator:
                 "max_payload_bytes": result["max_payload_bytes"],
                 "decode_error": result["decode_error"],
             }
+            stats = getattr(self.engine, "round_stats", None)
+            if stats is not None:
+                row.update(stats())
             self._commit(rnd, row, downlink, last)
             t.history.append(row)
             if self.on_round:

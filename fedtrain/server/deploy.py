@@ -21,7 +21,7 @@ import math
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from flwr.app import Message
 from flwr.serverapp import Grid
@@ -30,7 +30,10 @@ from fedtrain.server.engine import Reply
 from fedtrain.strategies.base import Work
 from fedtrain.transport.records import from_content, to_content
 
-__all__ = ["DeploymentError", "FlowerEngine", "serve"]
+if TYPE_CHECKING:
+    import torch
+
+__all__ = ["DeploymentError", "FlowerEngine", "engine_factory", "serve"]
 
 log = logging.getLogger("fedtrain.server")
 
@@ -342,6 +345,57 @@ def _silo_state(header: dict[str, Any]) -> dict[str, Any]:
     }
 
 
+def engine_factory(
+    grid: Grid,
+    cfg: Any,
+    run_dir: Path,
+    *,
+    on_event: Callable[..., None] | None = None,
+    engine_cls: type[FlowerEngine] = FlowerEngine,
+    **engine_kw: Any,
+) -> Callable[[Any, torch.nn.Module, str], FlowerEngine]:
+    """``make_engine`` for :func:`~fedtrain.simulation.runner.build_simulation`: a Flower engine
+    whose manifest and resync weights come from the run being built (its config file in
+    ``run_dir``, tokenizer and coordinator model)."""
+
+    def make_engine(data: Any, model: torch.nn.Module, run_id: str) -> FlowerEngine:
+        from fedtrain.server.manifest import build_manifest
+        from fedtrain.transport.payload import encode_payload
+
+        tokenizer = data.tokenizer_path.read_bytes()
+        manifest = build_manifest(
+            cfg,
+            run_id,
+            (run_dir / "config.toml").read_text(),
+            tokenizer,
+            data.tokenizer.vocab_size,
+        )
+
+        def weights(rnd: int) -> bytes:
+            tensors = {n: p.detach() for n, p in model.named_parameters()}
+            return encode_payload(
+                tensors,
+                codec="fp32",
+                kind="weights",
+                run_id=run_id,
+                round=rnd,
+                sender="coordinator",
+            )
+
+        return engine_cls(
+            grid,
+            silos=cfg.silo_names(),
+            run_id=run_id,
+            manifest=manifest,
+            tokenizer=tokenizer,
+            weights=weights,
+            on_event=on_event,
+            **engine_kw,
+        )
+
+    return make_engine
+
+
 # ---------------------------------------------------------------------------- the run
 class _RunLock:
     """One coordinator per run directory (a killed one's ServerApp may still be exiting)."""
@@ -376,12 +430,8 @@ def serve(
     keys_dir: Path | None = None,
 ) -> dict[str, Any]:
     """Run (or resume) the federated run in ``run_dir`` over ``grid``; return its summary."""
-    import torch
-
     from fedtrain.config import load_config
-    from fedtrain.server.manifest import build_manifest
     from fedtrain.simulation.runner import RunExists, build_simulation
-    from fedtrain.transport.payload import encode_payload
 
     lock = _RunLock(run_dir)
     try:
@@ -396,41 +446,11 @@ def serve(
         public_keys = _signing_keys(cfg, keys_dir)
         holder: dict[str, Any] = {}
 
-        def make_engine(data: Any, model: torch.nn.Module, run_id: str) -> FlowerEngine:
-            tokenizer = data.tokenizer_path.read_bytes()
-            manifest = build_manifest(
-                cfg,
-                run_id,
-                (run_dir / "config.toml").read_text(),
-                tokenizer,
-                data.tokenizer.vocab_size,
-            )
+        def on_event(kind: str, **fields: Any) -> None:
+            if "store" in holder:
+                holder["store"].event(kind, **fields)
 
-            def weights(rnd: int) -> bytes:
-                tensors = {n: p.detach() for n, p in model.named_parameters()}
-                return encode_payload(
-                    tensors,
-                    codec="fp32",
-                    kind="weights",
-                    run_id=run_id,
-                    round=rnd,
-                    sender="coordinator",
-                )
-
-            def on_event(kind: str, **fields: Any) -> None:
-                if "store" in holder:
-                    holder["store"].event(kind, **fields)
-
-            return FlowerEngine(
-                grid,
-                silos=cfg.silo_names(),
-                run_id=run_id,
-                manifest=manifest,
-                tokenizer=tokenizer,
-                weights=weights,
-                on_event=on_event,
-            )
-
+        make_engine = engine_factory(grid, cfg, run_dir, on_event=on_event)
         sim = build_simulation(
             cfg,
             run_dir,

@@ -1,5 +1,6 @@
-"""Simulation: virtual clock and network model, in-process engine, the simulate runner."""
+"""Simulation: virtual clock and network model, in-process engine, the runner, sweeps."""
 
 from fedtrain.simulation.clock import SiloTiming, VirtualClock, transfer_time
+from fedtrain.simulation.sweep import plan_sweep, run_sweep
 
-__all__ = ["SiloTiming", "VirtualClock", "transfer_time"]
+__all__ = ["SiloTiming", "VirtualClock", "plan_sweep", "run_sweep", "transfer_time"]

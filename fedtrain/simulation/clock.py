@@ -8,7 +8,19 @@ import random
 from fedtrain.config import Config, SiloProfile
 from fedtrain.data.stream import derive_seed
 
-__all__ = ["SiloTiming", "StragglerModel", "VirtualClock", "transfer_time"]
+__all__ = ["SiloTiming", "StragglerModel", "VirtualClock", "profile_step_time", "transfer_time"]
+
+
+def profile_step_time(profile: SiloProfile, params: float, tokens_per_step: float) -> float:
+    """The profile's seconds per inner step: given, else derived from its hardware profile and
+    the model's FLOPs; 0.0 when neither (the engine then measures this machine)."""
+    if profile.step_time_s:
+        return profile.step_time_s
+    if profile.gpu:
+        from fedtrain.simulation.hardware import step_time_from_flops
+
+        return step_time_from_flops(params, tokens_per_step, profile.gpu, profile.gpus, profile.mfu)
+    return 0.0
 
 
 def transfer_time(nbytes: int, mbps: float, latency_ms: float) -> float:

@@ -23,7 +23,7 @@ from fedtrain.config import Config
 from fedtrain.data.stream import TokenStream
 from fedtrain.models.llama import Llama
 from fedtrain.server.engine import Reply
-from fedtrain.simulation.clock import SiloTiming, StragglerModel, VirtualClock
+from fedtrain.simulation.clock import SiloTiming, StragglerModel, VirtualClock, profile_step_time
 from fedtrain.strategies.base import Work
 from fedtrain.transport.payload import decode_payload
 
@@ -94,14 +94,16 @@ class InProcessEngine:
         self.public_keys = {n: k.public_key() for n, k in keys.items() if k is not None}
         profiles = cfg.silo_profiles()
         self.measured_step_time_s: float | None = step_time_s
-        if any(p.step_time_s == 0 for p in profiles) and step_time_s is None:
-            first = next(iter(self.workers.values())).trainer
+        first = next(iter(self.workers.values())).trainer
+        if any(p.step_time_s == 0 and not p.gpu for p in profiles) and step_time_s is None:
             self.measured_step_time_s = measure_step_time(first.model, cfg)
             log.info("measured step time %.4f s", self.measured_step_time_s)
+        n_params = sum(t.numel() for t in first.model.parameters())
         self.timing = {
             name: SiloTiming(
                 p,
-                p.step_time_s or float(self.measured_step_time_s or 0.0),
+                profile_step_time(p, n_params, cfg.train.tokens_per_step)
+                or float(self.measured_step_time_s or 0.0),
                 cfg.simulation.step_time_jitter,
                 cfg.run.seed,
                 name,
@@ -120,6 +122,7 @@ class InProcessEngine:
         """Broadcast of round r (keep_late only), until every silo has applied it."""
         self._synced: dict[str, int] = dict.fromkeys(self.silos, 0)
         """Last round whose broadcast each silo applied (keep_late only)."""
+        self._round_start: tuple[float, dict[str, float]] = (0.0, dict(self.compute_s))
 
     def join(self, weights_payload: bytes) -> int:
         weights = decode_payload(weights_payload).tensors
@@ -135,6 +138,7 @@ class InProcessEngine:
         self, round: int, work: dict[str, Work], downlink: bytes | None, deadline_s: float
     ) -> Iterator[Reply]:
         start = self.clock.now
+        self._round_start = (start, dict(self.compute_s))
         if self.keep_late and downlink is not None:
             self._backlog[round - 1] = downlink
         for idx, name in enumerate(self.silos):
@@ -261,6 +265,21 @@ class InProcessEngine:
                 self.compute_s[reply.silo] += min(compute, max(0.0, self.clock.now - busy_from))
                 self.ready_at[reply.silo] = max(self.ready_at[reply.silo], self.clock.now)
         self._inflight = []
+
+    def round_stats(self) -> dict[str, Any]:
+        """Compute utilisation (compute time / round time, per silo, capped at 1) and idle time
+        of the round just closed."""
+        start, before = self._round_start
+        span = self.clock.now - start
+        if span <= 0:
+            return {}
+        busy = {n: min(span, self.compute_s[n] - before.get(n, 0.0)) for n in self.silos}
+        util = [b / span for b in busy.values()]
+        return {
+            "utilisation": sum(util) / len(util),
+            "utilisation_min": min(util),
+            "idle_s": round(sum(span - b for b in busy.values()) / len(busy), 6),
+        }
 
     def sim_time_s(self) -> float | None:
         return round(self.clock.now, 6)

@@ -71,8 +71,8 @@ class RunProgress:
             self._progress.console.print(
                 f"round {row['round']:>4}  tokens {row['tokens']:>10,}  "
                 f"train {row['train_loss']:.3f}  eval {row['eval_loss']:.3f}  "
-                f"up {row['bytes_up'] / 1e6:8.2f} MB  down {row['bytes_down'] / 1e6:8.2f} MB  "
-                f"sim {row['sim_time_s']:.1f}s"
+                f"up {row['bytes_up'] / 1e6:8.2f} MB  down {row['bytes_down'] / 1e6:8.2f} MB"
+                + (f"  sim {row['sim_time_s']:.1f}s" if row.get("sim_time_s") is not None else "")
             )
 
     def footer(self, s: dict[str, Any]) -> None:
@@ -82,5 +82,6 @@ class RunProgress:
             f"done: eval loss {s['initial_eval_loss']:.3f} -> {s['final_eval_loss']:.3f} "
             f"(unigram {s['unigram_eval_loss']:.3f}); {s['tokens']:,} tokens; "
             f"{(s['bytes_up'] + s['bytes_down']) / 1e6:.1f} MB exchanged; "
-            f"simulated {s['sim_time_s']:.1f}s; wall {s['wall_s']:.1f}s"
+            + (f"simulated {s['sim_time_s']:.1f}s; " if s.get("sim_time_s") is not None else "")
+            + f"wall {s['wall_s']:.1f}s"
         )

@@ -37,6 +37,7 @@ __all__ = [
     "load_run_config",
     "Simulation",
     "build_simulation",
+    "check_run_dir",
     "expected_rounds",
     "simulate",
 ]
@@ -93,10 +94,15 @@ def simulate(
     step_time_s: float | None = None,
     resume: bool = False,
 ) -> dict[str, Any]:
-    """Run ``cfg`` with the in-process engine; write the run directory; return the summary.
+    """Run ``cfg`` with its ``simulation.engine`` (in-process, or Flower's simulation runtime:
+    :mod:`fedtrain.simulation.flower`); write the run directory; return the summary.
 
     With ``resume``, continue the run in ``run_dir`` from its last intact committed round.
     """
+    if cfg.simulation.engine == "flower":
+        from fedtrain.simulation.flower import simulate_flower
+
+        return simulate_flower(cfg, run_dir, quiet=quiet, resume=resume)
     return build_simulation(
         cfg, run_dir, quiet=quiet, step_time_s=step_time_s, resume=resume
     ).execute()
@@ -113,6 +119,17 @@ def load_run_config(run_dir: Path) -> Config:
 
 class NoRunToResume(RuntimeError):
     """``--resume`` was asked for a directory without a resumable run."""
+
+
+def check_run_dir(run_dir: Path, resume: bool) -> None:
+    """Refuse to start over an existing run, or to resume where there is none."""
+    if resume:
+        if (run_dir / "summary.json").exists():
+            raise RunExists(f"{run_dir}: the run already finished; nothing to resume")
+        if not (run_dir / "index.sqlite").exists():
+            raise NoRunToResume(f"{run_dir} has no run index to resume from")
+    elif any((run_dir / f).exists() for f in ("summary.json", "metrics.jsonl", "index.sqlite")):
+        raise RunExists(f"{run_dir} already holds a run; choose another --run-dir or --resume")
 
 
 def build_simulation(
@@ -133,13 +150,7 @@ def build_simulation(
     """
     sha = config_sha256(cfg)
     run_id = f"{cfg.run.name}-{sha[:12]}"
-    if resume:
-        if (run_dir / "summary.json").exists():
-            raise RunExists(f"{run_dir}: the run already finished; nothing to resume")
-        if not (run_dir / "index.sqlite").exists():
-            raise NoRunToResume(f"{run_dir} has no run index to resume from")
-    elif any((run_dir / f).exists() for f in ("summary.json", "metrics.jsonl", "index.sqlite")):
-        raise RunExists(f"{run_dir} already holds a run; choose another --run-dir or --resume")
+    check_run_dir(run_dir, resume)
     started = time.perf_counter()
     store = RunStore(run_dir, url=cfg.storage.url, keep=cfg.storage.keep_checkpoints)
     if cfg.storage.cache_bytes:
@@ -233,8 +244,11 @@ def _execute(sim: Simulation) -> dict[str, Any]:
         f"({n_params / 1e6:.2f}M params, vocab {vocab}), {cfg.total_inner_steps()} inner steps "
         f"per silo -> {run_dir}"
     )
-    with progress:
-        totals = sim.coordinator.run()
+    try:
+        with progress:
+            totals = sim.coordinator.run()
+    finally:
+        sim.coordinator.strategy.close()  # e.g. an aggregation tree's processes
 
     tmp = run_dir / ".model.safetensors.tmp"
     save_file({n: p.detach().contiguous() for n, p in model.named_parameters()}, str(tmp))

@@ -1,4 +1,4 @@
-"""PNG plots of a run's metrics (loss vs round and tokens, bytes vs round)."""
+"""PNG plots of a run's metrics (loss vs round and tokens, bytes and utilisation vs round)."""
 
 from __future__ import annotations
 
@@ -56,4 +56,23 @@ def plot_metrics(rows: list[dict[str, Any]], out_dir: Path, title: str = "") -> 
     ax.legend()
     ax.grid(alpha=0.3)
     _save(fig, "bytes_vs_round.png")
+
+    timed = [r for r in rows if r.get("utilisation") is not None]
+    if timed:
+        fig, ax = plt.subplots(figsize=(6, 4))
+        ax.plot([r["round"] for r in timed], [100 * r["utilisation"] for r in timed], label="mean")
+        if all("utilisation_min" in r for r in timed):
+            ax.plot(
+                [r["round"] for r in timed],
+                [100 * r["utilisation_min"] for r in timed],
+                label="slowest silo",
+                linestyle="--",
+            )
+        ax.set_xlabel("round")
+        ax.set_ylabel("compute utilisation (%)")
+        ax.set_ylim(0, 105)
+        ax.set_title(title)
+        ax.legend()
+        ax.grid(alpha=0.3)
+        _save(fig, "utilisation_vs_round.png")
     return written

@@ -7,6 +7,7 @@ from typing import Any
 import torch
 
 from fedtrain.config import Config, StrategySection
+from fedtrain.server.hierarchy import aggregation_from_config
 from fedtrain.strategies.base import OuterOptimizerStrategy, Strategy, Work
 from fedtrain.strategies.ddp import DataParallel
 from fedtrain.strategies.diloco import DiLoCo
@@ -58,6 +59,8 @@ def build_strategy(
             weighting=s.weighting,
             **_outer(s),
         )
+    # Tree / int64 aggregation (config load refuses it for the strategies above and below).
+    aggregation = aggregation_from_config(cfg, numel=sum(p.numel() for p in params.values()))
     if s.name == "diloco":
         return DiLoCo(
             params,
@@ -66,9 +69,15 @@ def build_strategy(
             momentum=s.outer_momentum,
             nesterov=s.nesterov,
             weighting=s.weighting,
+            aggregation=aggregation,
         )
     if s.name == "fedavg":
-        return DiLoCo.fedavg(params, inner_steps=cfg.train.inner_steps, weighting=s.weighting)
+        return DiLoCo.fedavg(
+            params,
+            inner_steps=cfg.train.inner_steps,
+            weighting=s.weighting,
+            aggregation=aggregation,
+        )
     if s.name == "streaming":
         from fedtrain.models.presets import PRESETS
 
@@ -84,6 +93,7 @@ def build_strategy(
             momentum=s.outer_momentum,
             nesterov=s.nesterov,
             weighting=s.weighting,
+            aggregation=aggregation,
         )
     if s.name == "zo":
         from fedtrain.strategies.zo import ZerothOrder

@@ -52,11 +52,23 @@ class Strategy(ABC):
     """When set, the round's broadcast is the collected replies in this codec (not θ's update);
     every party applies them itself (see :meth:`broadcast`)."""
 
+    aggregation: Any = None
+    """Tree or int64 aggregation (fedtrain.server.hierarchy); None: the flat fp32 mean."""
+
     def new_aggregator(self) -> Any:
-        """How replies are combined; default: the streaming weighted mean."""
+        """How replies are combined; default: the configured aggregation, else the streaming
+        weighted mean."""
+        if self.aggregation is not None:
+            return self.aggregation.new_aggregator()
         from fedtrain.server.aggregate import StreamingMean
 
         return StreamingMean()
+
+    def close(self) -> None:
+        """Release what the strategy started (e.g. aggregator processes); called once the run
+        ends, also on failure."""
+        if self.aggregation is not None:
+            self.aggregation.close()
 
     async_replies = False
     """True when silos may still be computing when a round closes, their replies counting in a

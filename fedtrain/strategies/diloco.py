@@ -11,6 +11,7 @@ from typing import Any
 
 import torch
 
+from fedtrain.server.hierarchy import Aggregation
 from fedtrain.strategies.base import OuterOptimizerStrategy, Work
 
 __all__ = ["DiLoCo"]
@@ -31,12 +32,15 @@ class DiLoCo(OuterOptimizerStrategy):
         momentum: float = 0.9,
         nesterov: bool = True,
         weighting: str = "tokens",
+        aggregation: Aggregation | None = None,
     ) -> None:
         super().__init__(params)
         if weighting not in ("tokens", "equal"):
             raise ValueError(f"weighting must be 'tokens' or 'equal', got {weighting!r}")
         self.inner_steps = inner_steps
         self.weighting = weighting
+        self.aggregation = aggregation
+        """Tree or int64 aggregation (None: the flat fp32 streaming mean)."""
         # torch rejects Nesterov without momentum; FedAvg (momentum 0) is plain SGD.
         self.optimizer = torch.optim.SGD(
             list(params.values()), lr=lr, momentum=momentum, nesterov=nesterov and momentum > 0
@@ -44,7 +48,12 @@ class DiLoCo(OuterOptimizerStrategy):
 
     @classmethod
     def fedavg(
-        cls, params: dict[str, torch.nn.Parameter], *, inner_steps: int, weighting: str = "tokens"
+        cls,
+        params: dict[str, torch.nn.Parameter],
+        *,
+        inner_steps: int,
+        weighting: str = "tokens",
+        aggregation: Aggregation | None = None,
     ) -> DiLoCo:
         """FedAvg (McMahan et al. 2017) = DiLoCo with outer SGD lr 1.0 and no momentum."""
         return cls(
@@ -54,6 +63,7 @@ class DiLoCo(OuterOptimizerStrategy):
             momentum=0.0,
             nesterov=False,
             weighting=weighting,
+            aggregation=aggregation,
         )
 
     def plan(self, round: int, silos: list[str], steps: int) -> dict[str, Work]:

@@ -16,6 +16,7 @@ from typing import Any
 
 import torch
 
+from fedtrain.server.hierarchy import Aggregation
 from fedtrain.strategies.base import (
     Strategy,
     Work,
@@ -81,6 +82,7 @@ class StreamingDiLoCo(Strategy):
         momentum: float = 0.9,
         nesterov: bool = True,
         weighting: str = "tokens",
+        aggregation: Aggregation | None = None,
     ) -> None:
         super().__init__(params)
         if inner_steps % fragments:
@@ -99,6 +101,8 @@ class StreamingDiLoCo(Strategy):
         self.delay_steps = delay_steps
         self.mix_alpha = mix_alpha
         self.weighting = weighting
+        self.aggregation = aggregation
+        """Tree or int64 aggregation (None: the flat fp32 streaming mean)."""
         self.optimizers = [
             torch.optim.SGD(
                 [params[n] for n in frag],

@@ -1,0 +1,326 @@
+"""Analytic mode: the virtual clock without training, for scales that cannot train here.
+
+A run is driven by a model size (parameters, layers), a token budget and per-silo hardware and
+link profiles. It answers "how long, how busy, how many bytes" — there is no learning curve.
+
+The communication model (written down in full because Table 4 of Streaming DiLoCo depends on it):
+
+- One inner step is ``step_time_s`` of pure compute: forward, then a backward pass that takes
+  ``backward_fraction`` (2/3) of the step and finishes layer after layer.
+- A synchronisation moves the exchanged values layer by layer: a layer's chunk may start once
+  the backward pass has finished *one* layer and the link is free (chunks queue on the link), so
+  a sync overlaps the remaining backward pass of the step it follows. Only what runs past the
+  end of that backward pass (minus any further compute allowed to hide it) is exposed.
+- Data parallel syncs every step; DiLoCo every H steps (the whole model); Streaming DiLoCo one
+  fragment every H/P steps, and with overlap τ a fragment's exchange may also hide behind the
+  next τ inner steps (the silo waits only for what exceeds them).
+- Traffic per silo for S bits of payload: ring all-reduce 2(M-1)/M x S over the silo's link
+  (``collective="ring"``), or a coordinator (``"star"``): S up then S down.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from fedtrain.config import Config, ConfigError
+from fedtrain.simulation.clock import SiloTiming, StragglerModel, profile_step_time
+
+__all__ = [
+    "BANDWIDTH_GRID_GBPS",
+    "SyncModel",
+    "analytic_run",
+    "codec_bits_per_value",
+    "exposed_comm_s",
+    "model_size",
+    "required_bandwidth",
+    "utilisation",
+]
+
+BANDWIDTH_GRID_GBPS: tuple[float, ...] = tuple(10 ** (-1 + 4 * k / 49) for k in range(50))
+"""50 log-spaced bandwidths from 0.1 to 1000 Gbit/s (the grid the Table 4 values fall on)."""
+
+METHODS = ("ddp", "diloco", "streaming")
+
+
+def codec_bits_per_value(codec: str, block_size: int = 64) -> float:
+    """Bits on the wire per exchanged value for a transport codec (block scales included)."""
+    scale = 16.0 / block_size  # one bf16 scale per block
+    bits = {"fp32": 32.0, "bf16": 16.0, "int8": 8 + scale, "int4": 4 + scale}
+    bits.update({"fp4-e2m1": 4 + scale, "sign1": 1 + scale})
+    if codec not in bits:
+        raise ValueError(f"no bit width known for codec {codec!r}")
+    return bits[codec]
+
+
+def exposed_comm_s(
+    chunk_s: Sequence[float],
+    layers: int,
+    step_time_s: float,
+    *,
+    backward_fraction: float = 2 / 3,
+    hide_s: float = 0.0,
+    latency_s: float = 0.0,
+) -> float:
+    """Seconds a silo waits for one sync whose per-layer chunks take ``chunk_s`` on the link.
+
+    Chunk i is ready when the backward pass has finished i+1 layers; the link carries one chunk
+    at a time. The sync is exposed for whatever runs past the end of the backward pass plus
+    ``hide_s`` of further compute (overlap τ x step time). ``latency_s`` is paid once.
+    """
+    per_layer = backward_fraction * step_time_s / layers
+    free = 0.0
+    for i, c in enumerate(chunk_s):
+        free = max((i + 1) * per_layer, free) + c
+    end = free + latency_s
+    return max(0.0, end - layers * per_layer - hide_s)
+
+
+@dataclass(frozen=True, slots=True)
+class SyncModel:
+    """One method's compute and communication pattern at one scale (see the module doc)."""
+
+    params: float
+    layers: int
+    step_time_s: float
+    method: str
+    inner_steps: int = 100
+    """H: inner steps between syncs of the same parameters (ignored for ddp)."""
+    fragments: int = 1
+    """Streaming: P fragments of layers/P layers each, one synced every H/P steps."""
+    overlap_steps: int = 0
+    """Streaming: τ inner steps a fragment's exchange may hide behind."""
+    bits_per_param: float = 16.0
+    workers: int = 2
+    collective: str = "ring"
+    latency_s: float = 0.0
+    backward_fraction: float = 2 / 3
+
+    def __post_init__(self) -> None:
+        if self.method not in METHODS:
+            raise ValueError(f"method must be one of {METHODS}, got {self.method!r}")
+        if self.collective not in ("ring", "star"):
+            raise ValueError(f"collective must be 'ring' or 'star', got {self.collective!r}")
+        if self.layers < 1 or self.params <= 0 or self.step_time_s <= 0:
+            raise ValueError("params, layers and step_time_s must be positive")
+        if self.method == "streaming" and self.layers % self.fragments:
+            raise ValueError(
+                f"{self.fragments} fragments must divide the layers ({self.layers}); "
+                "(H/P need not be an integer: the period is H steps with P syncs)"
+            )
+
+    @property
+    def traffic_factor(self) -> float:
+        """Bits on a silo's link per bit of payload."""
+        if self.collective == "star":
+            return 2.0
+        return 2.0 * (self.workers - 1) / self.workers
+
+    def period(self, gbps: float) -> tuple[float, float]:
+        """(compute seconds, wall seconds) of one period of the method at ``gbps`` Gbit/s."""
+        per_layer_bits = self.params * self.bits_per_param * self.traffic_factor / self.layers
+        chunk = per_layer_bits / (gbps * 1e9)
+        kw = {"backward_fraction": self.backward_fraction, "latency_s": self.latency_s}
+        t = self.step_time_s
+        if self.method == "ddp":
+            return t, t + exposed_comm_s([chunk] * self.layers, self.layers, t, **kw)
+        if self.method == "diloco":
+            wait = exposed_comm_s([chunk] * self.layers, self.layers, t, **kw)
+            return self.inner_steps * t, self.inner_steps * t + wait
+        frag = self.layers // self.fragments
+        hide = self.overlap_steps * t
+        wait = exposed_comm_s([chunk] * frag, self.layers, t, hide_s=hide, **kw)
+        return self.inner_steps * t, self.inner_steps * t + self.fragments * wait
+
+    def payload_bits(self) -> float:
+        """Bits of payload one silo contributes per period."""
+        return self.params * self.bits_per_param
+
+
+def utilisation(model: SyncModel, gbps: float) -> float:
+    """Compute time / wall time in the steady state at ``gbps`` Gbit/s."""
+    compute, wall = model.period(gbps)
+    return compute / wall
+
+
+def required_bandwidth(
+    model: SyncModel, target: float, grid: Sequence[float] = BANDWIDTH_GRID_GBPS
+) -> float | None:
+    """The smallest bandwidth of ``grid`` at which utilisation reaches ``target`` (None: none
+    of them does). Utilisation is monotone in bandwidth, so this is a grid search."""
+    for g in grid:
+        if utilisation(model, g) >= target - 1e-12:
+            return g
+    return None
+
+
+def model_size(cfg: Config) -> tuple[float, int]:
+    """(parameters, layers) of the run's model: ``simulation.analytic_params`` /
+    ``analytic_layers`` when set, else the preset's shape with the configured vocabulary."""
+    from fedtrain.models.presets import PRESETS
+
+    shape = PRESETS[cfg.model.preset]
+    layers = cfg.simulation.analytic_layers or shape.n_layers
+    if cfg.simulation.analytic_params:
+        return float(cfg.simulation.analytic_params), layers
+    vocab = 256 if cfg.data.tokenizer == "byte" else cfg.data.vocab_size
+    d = shape.dim
+    block = 4 * d * d + 3 * d * shape.ffn_dim + 2 * d
+    emb = vocab * d * (1 if cfg.model.tie_embeddings else 2)
+    return float(emb + shape.n_layers * block + d), layers
+
+
+def _method(cfg: Config) -> str:
+    name = cfg.strategy.name
+    if name not in METHODS:
+        raise ConfigError(f"strategy.name: analytic mode models {', '.join(METHODS)}, not {name!r}")
+    if cfg.strategy.coding != "off" or cfg.strategy.scheduling != "sync":
+        raise ConfigError(
+            "strategy.coding / strategy.scheduling: analytic mode models synchronous rounds "
+            "without gradient coding"
+        )
+    return name
+
+
+def analytic_run(cfg: Config, run_dir: Path, *, quiet: bool = True) -> dict[str, Any]:
+    """Time a run of ``cfg`` on the virtual clock without training; write metrics.jsonl,
+    summary.json and the utilisation plot into ``run_dir``; return the summary."""
+    method = _method(cfg)
+    params, layers = model_size(cfg)
+    silos = cfg.silo_names()
+    profiles = cfg.silo_profiles()
+    tokens_per_step = cfg.train.tokens_per_step
+    timings = {}
+    for name, p in zip(silos, profiles, strict=True):
+        step = profile_step_time(p, params, tokens_per_step)
+        if not step:
+            raise ConfigError(
+                f"simulation.profiles[{p.name}]: analytic mode needs step_time_s > 0 or a gpu "
+                "hardware profile (there is no training to measure)"
+            )
+        timings[name] = SiloTiming(p, step, cfg.simulation.step_time_jitter, cfg.run.seed, name)
+    stragglers = StragglerModel(cfg, silos)
+    fragments = cfg.strategy.fragments if method == "streaming" else 1
+    if method == "streaming" and layers % fragments:
+        raise ConfigError(
+            f"strategy.fragments: {fragments} fragments must divide the model's {layers} layers"
+        )
+    bits = codec_bits_per_value(cfg.transport.codec, cfg.transport.block_size)
+    payload_bytes = math.ceil(params * bits / 8 / fragments)
+    per_round = cfg.steps_per_round()
+    total = cfg.total_inner_steps()
+    rounds = math.ceil(total / per_round)
+    frag_layers = layers // fragments
+    tau = cfg.strategy.delay_steps if method == "streaming" else 0
+    run_dir.mkdir(parents=True, exist_ok=True)
+    if (run_dir / "summary.json").exists():
+        from fedtrain.simulation.runner import RunExists
+
+        raise RunExists(f"{run_dir} already holds a run; choose another --run-dir")
+    started = time.perf_counter()
+    now = 0.0
+    compute_total = dict.fromkeys(silos, 0.0)
+    rows: list[dict[str, Any]] = []
+    step = tokens = bytes_up = bytes_down = 0
+    with (run_dir / "metrics.jsonl").open("w") as out:
+        for rnd in range(1, rounds + 1):
+            steps = min(per_round, total - step)
+            finish: dict[str, float] = {}
+            busy: dict[str, float] = {}
+            moved = 0
+            for name in silos:
+                if stragglers.dropped(name, rnd):
+                    busy[name] = 0.0
+                    continue
+                timing = timings[name]
+                t = timing.compute_time(1, rnd) * stragglers.slowdown(name, rnd)
+                up, down = timing.profile.up_mbps * 1e6, timing.profile.down_mbps * 1e6
+                n_chunks = frag_layers  # the whole model unless streaming
+                chunk_bits = payload_bytes * 8 * fragments / layers
+                chunk = chunk_bits / up + chunk_bits / down
+                wait = exposed_comm_s(
+                    [chunk] * n_chunks,
+                    layers,
+                    t,
+                    hide_s=tau * t,
+                    latency_s=2 * timing.profile.latency_ms / 1000,
+                )
+                busy[name] = steps * t
+                finish[name] = steps * t + wait
+                moved += round(n_chunks * chunk_bits / 8)
+            span = max(finish.values()) if finish else 0.0
+            now += span
+            bytes_up += moved
+            bytes_down += moved
+            for name in silos:
+                compute_total[name] += busy[name]
+            util = [busy[n] / span if span else 0.0 for n in silos]
+            step += steps
+            tokens += steps * tokens_per_step * len(finish)
+            row = {
+                "round": rnd,
+                "step": step,
+                "tokens": tokens,
+                "sim_time_s": round(now, 6),
+                "round_time_s": round(span, 6),
+                "utilisation": sum(util) / len(util),
+                "utilisation_min": min(util),
+                "idle_s": round(sum(span - busy[n] for n in silos) / len(silos), 6),
+                "silos": len(finish),
+                "bytes_up": moved,
+                "bytes_down": moved,
+            }
+            out.write(json.dumps(row) + "\n")
+            rows.append(row)
+    _plot(rows, run_dir / "plots", f"{cfg.run.name} (analytic, {method})")
+    summary = {
+        "analytic": True,
+        "strategy": method,
+        "codec": cfg.transport.codec,
+        "silos": len(silos),
+        "parameters": params,
+        "layers": layers,
+        "step_time_s": {n: timings[n].step_time_s for n in silos},
+        "rounds": rounds,
+        "inner_steps_per_silo": step,
+        "tokens": tokens,
+        "bytes_up": bytes_up,
+        "bytes_down": bytes_down,
+        "bytes_total": bytes_up + bytes_down,
+        "sim_time_s": round(now, 6),
+        "silo_compute_s": compute_total,
+        "compute_utilisation": (sum(compute_total.values()) / len(silos) / now if now else None),
+        "wall_s": round(time.perf_counter() - started, 3),
+    }
+    (run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    return summary
+
+
+def _plot(rows: list[dict[str, Any]], out_dir: Path, title: str) -> None:
+    if len(rows) > 20000:  # thin very long runs for the plot (the metrics keep every round)
+        stride = len(rows) // 20000 + 1
+        rows = rows[::stride]
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    fig, ax = plt.subplots(figsize=(6, 4))
+    hours = [r["sim_time_s"] / 3600 for r in rows]
+    ax.plot(hours, [100 * r["utilisation"] for r in rows], label="mean")
+    ax.plot(hours, [100 * r["utilisation_min"] for r in rows], "--", label="slowest silo")
+    ax.set_xlabel("simulated hours")
+    ax.set_ylabel("compute utilisation (%)")
+    ax.set_ylim(0, 105)
+    ax.set_title(title)
+    ax.legend()
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(out_dir / "utilisation_vs_time.png", dpi=100)
+    plt.close(fig)
