@@ -230,6 +230,14 @@ class StrategySection:
     """ZO: z distribution, 'rademacher' (device independent) or 'gaussian' (CPU generator)."""
     zo_trainable: str = ""
     """ZO: glob of parameter names to tune (e.g. 'tok_emb.*'); empty = all."""
+    aggregator: str = "mean"
+    """How a round's updates combine: 'mean' (weighted, streaming), 'median' (coordinate-wise),
+    'trimmed_mean' (coordinate-wise, drops trim_fraction at each end) or 'clipped_mean' (each
+    update's L2 norm clipped to clip_norm, then the weighted mean)."""
+    trim_fraction: float = 0.1
+    """trimmed_mean: β, the fraction of updates dropped at each end per coordinate (< 0.5)."""
+    clip_norm: float = 1.0
+    """clipped_mean: largest L2 norm an update keeps (over all its tensors)."""
     coding: str = "off"
     """Gradient-code DiLoCo rounds over public shards: 'off', 'auto', 'frc', 'cyclic', 'random'."""
     stragglers: int = 0
@@ -574,9 +582,44 @@ class Config:
             )
         self._check_stragglers()
         self._check_tree()
+        self._check_robust()
         names = set(self.silo_names())
         for silo in self.data.silo_data:
             _check(silo in names, "data.silo_data", f"keys among silo names {sorted(names)}", silo)
+
+    def _check_robust(self) -> None:
+        st, r = self.strategy, self.round
+        kinds = ("mean", "median", "trimmed_mean", "clipped_mean")
+        _check(
+            st.aggregator in kinds, "strategy.aggregator", f"one of {list(kinds)}", st.aggregator
+        )
+        _check(
+            0.0 <= st.trim_fraction < 0.5,
+            "strategy.trim_fraction",
+            "a number in [0, 0.5)",
+            st.trim_fraction,
+        )
+        _check(st.clip_norm > 0, "strategy.clip_norm", "a number > 0", st.clip_norm)
+        if st.aggregator == "mean":
+            return
+        why = (
+            "holds every update of the round in memory"
+            if st.aggregator != "clipped_mean"
+            else "clips each update before the sum"
+        )
+        for ok, other in (
+            (st.name in ("diloco", "fedavg", "streaming"), f"strategy.name = {st.name!r}"),
+            (st.coding == "off", f"strategy.coding = {st.coding!r} (gradient-code decode)"),
+            (st.scheduling == "sync", f"strategy.scheduling = {st.scheduling!r}"),
+            (r.tree in (0, []), f"round.tree = {r.tree!r} (hierarchical partial sums)"),
+            (r.accumulate == "float", f"round.accumulate = {r.accumulate!r} (int64 sums)"),
+        ):
+            _check(
+                ok,
+                "strategy.aggregator",
+                f"'mean' with {other}: {st.aggregator} {why} and cannot combine with it",
+                st.aggregator,
+            )
 
     def _check_tree(self) -> None:
         r, st = self.round, self.strategy

@@ -105,9 +105,10 @@ def simulate(
 
 def _analytic_line(summary: dict[str, object], out: Path) -> str:
     util = summary["compute_utilisation"]
-    hours = float(summary["sim_time_s"]) / 3600  # type: ignore[arg-type]
+    secs = float(summary["sim_time_s"])  # type: ignore[arg-type]
+    took = f"{secs / 3600:.2f} simulated hours" if secs >= 3600 else f"{secs:.1f} simulated s"
     return (
-        f"{summary['strategy']}: {summary['rounds']} rounds, {hours:.2f} simulated hours, "
+        f"{summary['strategy']}: {summary['rounds']} rounds, {took}, "
         f"utilisation {100 * float(util):.1f}%, "  # type: ignore[arg-type]
         f"{int(summary['bytes_total']) / 1e9:.2f} GB exchanged -> {out}"  # type: ignore[call-overload]
     )

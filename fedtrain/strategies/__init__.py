@@ -60,7 +60,13 @@ def build_strategy(
             **_outer(s),
         )
     # Tree / int64 aggregation (config load refuses it for the strategies above and below).
-    aggregation = aggregation_from_config(cfg, numel=sum(p.numel() for p in params.values()))
+    aggregation: Any
+    if s.aggregator != "mean":  # config load refuses robust aggregators with trees / int64
+        from fedtrain.server.robust import RobustAggregation
+
+        aggregation = RobustAggregation(s.aggregator, s.trim_fraction, s.clip_norm)
+    else:
+        aggregation = aggregation_from_config(cfg, numel=sum(p.numel() for p in params.values()))
     if s.name == "diloco":
         return DiLoCo(
             params,

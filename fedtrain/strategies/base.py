@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 
@@ -35,6 +35,14 @@ class Work:
     """Strategy-specific instructions (fragment id, shard set, seeds ...)."""
 
 
+class AggregationPlugin(Protocol):
+    """Makes each round's aggregator and owns what they share (e.g. processes)."""
+
+    def new_aggregator(self) -> Any: ...
+
+    def close(self) -> None: ...
+
+
 class Strategy(ABC):
     """Outer algorithm over global parameters ``params`` (owned, updated in place)."""
 
@@ -52,8 +60,9 @@ class Strategy(ABC):
     """When set, the round's broadcast is the collected replies in this codec (not θ's update);
     every party applies them itself (see :meth:`broadcast`)."""
 
-    aggregation: Any = None
-    """Tree or int64 aggregation (fedtrain.server.hierarchy); None: the flat fp32 mean."""
+    aggregation: AggregationPlugin | None = None
+    """Tree or int64 aggregation (fedtrain.server.hierarchy) or a robust aggregator
+    (fedtrain.server.robust); None: the flat fp32 streaming mean."""
 
     def new_aggregator(self) -> Any:
         """How replies are combined; default: the configured aggregation, else the streaming

@@ -11,8 +11,7 @@ from typing import Any
 
 import torch
 
-from fedtrain.server.hierarchy import Aggregation
-from fedtrain.strategies.base import OuterOptimizerStrategy, Work
+from fedtrain.strategies.base import AggregationPlugin, OuterOptimizerStrategy, Work
 
 __all__ = ["DiLoCo"]
 
@@ -32,7 +31,7 @@ class DiLoCo(OuterOptimizerStrategy):
         momentum: float = 0.9,
         nesterov: bool = True,
         weighting: str = "tokens",
-        aggregation: Aggregation | None = None,
+        aggregation: AggregationPlugin | None = None,
     ) -> None:
         super().__init__(params)
         if weighting not in ("tokens", "equal"):
@@ -40,7 +39,7 @@ class DiLoCo(OuterOptimizerStrategy):
         self.inner_steps = inner_steps
         self.weighting = weighting
         self.aggregation = aggregation
-        """Tree or int64 aggregation (None: the flat fp32 streaming mean)."""
+        """Tree, int64 or robust aggregation (None: the flat fp32 streaming mean)."""
         # torch rejects Nesterov without momentum; FedAvg (momentum 0) is plain SGD.
         self.optimizer = torch.optim.SGD(
             list(params.values()), lr=lr, momentum=momentum, nesterov=nesterov and momentum > 0
@@ -53,7 +52,7 @@ class DiLoCo(OuterOptimizerStrategy):
         *,
         inner_steps: int,
         weighting: str = "tokens",
-        aggregation: Aggregation | None = None,
+        aggregation: AggregationPlugin | None = None,
     ) -> DiLoCo:
         """FedAvg (McMahan et al. 2017) = DiLoCo with outer SGD lr 1.0 and no momentum."""
         return cls(

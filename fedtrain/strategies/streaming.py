@@ -16,8 +16,8 @@ from typing import Any
 
 import torch
 
-from fedtrain.server.hierarchy import Aggregation
 from fedtrain.strategies.base import (
+    AggregationPlugin,
     Strategy,
     Work,
     optimizer_from_tensors,
@@ -82,7 +82,7 @@ class StreamingDiLoCo(Strategy):
         momentum: float = 0.9,
         nesterov: bool = True,
         weighting: str = "tokens",
-        aggregation: Aggregation | None = None,
+        aggregation: AggregationPlugin | None = None,
     ) -> None:
         super().__init__(params)
         if inner_steps % fragments:
@@ -102,7 +102,7 @@ class StreamingDiLoCo(Strategy):
         self.mix_alpha = mix_alpha
         self.weighting = weighting
         self.aggregation = aggregation
-        """Tree or int64 aggregation (None: the flat fp32 streaming mean)."""
+        """Tree, int64 or robust aggregation (None: the flat fp32 streaming mean)."""
         self.optimizers = [
             torch.optim.SGD(
                 [params[n] for n in frag],
