@@ -217,11 +217,10 @@ def analytic_run(cfg: Config, run_dir: Path, *, quiet: bool = True) -> dict[str,
     rounds = math.ceil(total / per_round)
     frag_layers = layers // fragments
     tau = cfg.strategy.delay_steps if method == "streaming" else 0
-    run_dir.mkdir(parents=True, exist_ok=True)
-    if (run_dir / "summary.json").exists():
-        from fedtrain.simulation.runner import RunExists
+    from fedtrain.simulation.runner import check_run_dir
 
-        raise RunExists(f"{run_dir} already holds a run; choose another --run-dir")
+    check_run_dir(run_dir, resume=False)
+    run_dir.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
     now = 0.0
     compute_total = dict.fromkeys(silos, 0.0)

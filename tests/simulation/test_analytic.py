@@ -18,7 +18,7 @@ from fedtrain.simulation.analytic import (
     utilisation,
 )
 from fedtrain.simulation.hardware import step_time_from_flops
-from fedtrain.simulation.runner import simulate
+from fedtrain.simulation.runner import RunExists, simulate
 from tests.conftest import tiny_config_dict
 
 # 4 layers, 0.3 s steps: the backward pass is 0.2 s, 0.05 s per layer.
@@ -137,6 +137,8 @@ def test_analytic_run_times_a_config_without_training(tmp_path):
     small = analytic_run(_analytic_cfg(transport={"codec": "int4"}), tmp_path / "b")
     assert small["compute_utilisation"] > summary["compute_utilisation"]
     assert small["bytes_total"] < summary["bytes_total"] / 7
+    with pytest.raises(RunExists):  # an existing run is never overwritten
+        analytic_run(cfg, tmp_path / "a")
 
 
 def test_analytic_run_refuses_what_it_cannot_time(tmp_path):
