@@ -7,7 +7,13 @@ from typing import Any
 
 import torch
 
-__all__ = ["Aggregator", "StreamingMean"]
+__all__ = ["Aggregator", "StreamingMean", "check_weight"]
+
+
+def check_weight(weight: float) -> None:
+    """Aggregation weights are >= 0 (a negative one would flip an update)."""
+    if weight < 0:
+        raise ValueError(f"aggregation weight must be >= 0, got {weight}")
 
 
 class Aggregator(ABC):
@@ -62,8 +68,7 @@ class StreamingMean(Aggregator):
         meta: dict[str, Any] | None = None,
     ) -> None:
         """Add ``weight * tensors`` (fp32 accumulation)."""
-        if weight < 0:
-            raise ValueError(f"aggregation weight must be >= 0, got {weight}")
+        check_weight(weight)
         for n, t in tensors.items():
             buf = self._sum.get(n)
             if buf is None:

@@ -28,7 +28,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from fedtrain.server.aggregate import Aggregator, StreamingMean
+from fedtrain.server.aggregate import Aggregator, StreamingMean, check_weight
 from fedtrain.server.leaf import (
     ACCUMULATE,
     fixed_point_add,
@@ -78,8 +78,7 @@ class FixedPointMean(Aggregator):
         meta: dict[str, Any] | None = None,
     ) -> None:
         """Add round(w·x·2^bits) to the integer sums."""
-        if weight < 0:
-            raise ValueError(f"aggregation weight must be >= 0, got {weight}")
+        check_weight(weight)
         for n, t in tensors.items():
             x = t.detach().float().reshape(-1)
             first = n not in self._sum
@@ -408,8 +407,7 @@ class TreeMean(Aggregator):
         meta: dict[str, Any] | None = None,
     ) -> None:
         """Hand ``tensors`` to the leaf of ``sender``; it accumulates w·x there."""
-        if weight < 0:
-            raise ValueError(f"aggregation weight must be >= 0, got {weight}")
+        check_weight(weight)
         if self._closed:
             raise RuntimeError("add after mean(): the round is closed")
         if sender not in self._leaf_of:

@@ -8,17 +8,20 @@ The clipped mean keeps the streaming mean's O(model) buffer.
 from __future__ import annotations
 
 import math
+from abc import abstractmethod
 from typing import Any
 
 import torch
 
-from fedtrain.server.aggregate import Aggregator, StreamingMean
+from fedtrain.server.aggregate import Aggregator, StreamingMean, check_weight
 
 __all__ = ["ClippedMean", "CoordinateMedian", "RobustAggregation", "TrimmedMean"]
 
 
 class _Held(Aggregator):
     """Keeps each update (fp32) until the round closes."""
+
+    kind = ""
 
     def __init__(self) -> None:
         self._updates: list[dict[str, torch.Tensor]] = []
@@ -32,8 +35,7 @@ class _Held(Aggregator):
         meta: dict[str, Any] | None = None,
     ) -> None:
         """Keep ``tensors``; robust statistics ignore the weight (every update counts once)."""
-        if weight < 0:
-            raise ValueError(f"aggregation weight must be >= 0, got {weight}")
+        check_weight(weight)
         if weight == 0:
             return
         if self._updates and set(tensors) != set(self._updates[0]):
@@ -53,13 +55,12 @@ class _Held(Aggregator):
             return None
         return {n: self._combine(self._stacked(n)) for n in self._updates[0]}
 
+    @abstractmethod
     def _combine(self, stacked: torch.Tensor) -> torch.Tensor:
-        raise NotImplementedError
+        """The per-coordinate statistic over the stacked updates (dim 0)."""
 
     def report(self) -> dict[str, Any]:
         return {"aggregator": self.kind, "updates": len(self._updates)}
-
-    kind = ""
 
 
 class CoordinateMedian(_Held):
