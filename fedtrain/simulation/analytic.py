@@ -137,10 +137,6 @@ class SyncModel:
         wait = exposed_comm_s([chunk] * frag, self.layers, t, hide_s=hide, **kw)
         return self.inner_steps * t, self.inner_steps * t + self.fragments * wait
 
-    def payload_bits(self) -> float:
-        """Bits of payload one silo contributes per period."""
-        return self.params * self.bits_per_param
-
 
 def utilisation(model: SyncModel, gbps: float) -> float:
     """Compute time / wall time in the steady state at ``gbps`` Gbit/s."""
