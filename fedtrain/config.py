@@ -25,7 +25,9 @@ __all__ = [
     "Config",
     "ConfigError",
     "DataSection",
+    "FaultsSection",
     "ModelSection",
+    "ReliabilitySection",
     "RoundSection",
     "RunSection",
     "SiloProfile",
@@ -408,6 +410,75 @@ class RoundSection:
 
 
 @dataclass(kw_only=True, slots=True)
+class ReliabilitySection:
+    max_update_norm: float = 0.0
+    """Bound on an update's L2 norm (all tensors together); 0 = no bound."""
+    norm_action: str = "reject"
+    """An update over ``max_update_norm``: 'reject' it or 'clip' it to the bound."""
+    max_payload_bytes: int = 0
+    """Largest reply accepted, checked before decoding; 0 = twice the fp32 model plus 1 MiB."""
+    max_requests_per_s: float = 20.0
+    """Deployment: fleet API requests per second allowed from one client address (bursts of
+    5 s worth); more are answered 429. 0 = no limit."""
+    quarantine_after: int = 3
+    """A silo with this many rejected updates gets no more work (reported); 0 = never."""
+
+    def __post_init__(self) -> None:
+        _check(
+            self.max_update_norm >= 0,
+            "reliability.max_update_norm",
+            "a number >= 0 (0 = no bound)",
+            self.max_update_norm,
+        )
+        _check(
+            self.norm_action in ("reject", "clip"),
+            "reliability.norm_action",
+            "'reject' or 'clip'",
+            self.norm_action,
+        )
+        _check(
+            self.max_payload_bytes >= 0,
+            "reliability.max_payload_bytes",
+            "an integer >= 0 (0 = twice the fp32 model plus 1 MiB)",
+            self.max_payload_bytes,
+        )
+        _check(
+            self.max_requests_per_s >= 0,
+            "reliability.max_requests_per_s",
+            "a number >= 0 (0 = no limit)",
+            self.max_requests_per_s,
+        )
+        _check(
+            self.quarantine_after >= 0,
+            "reliability.quarantine_after",
+            "an integer >= 0 (0 = never quarantine)",
+            self.quarantine_after,
+        )
+
+
+@dataclass(kw_only=True, slots=True)
+class FaultsSection:
+    inject: list[str] = field(default_factory=list)
+    """Faults to inject in simulation, each KIND@SILO:ROUND[=VALUE] (see fedtrain.client.faults),
+    e.g. ["nan@silo1:2", "scale@silo3:*=-10"]."""
+    drop_rate: float = 0.0
+    """Probability that a silo's reply is lost in a round (seeded by run.seed)."""
+    corrupt_rate: float = 0.0
+    """Probability that a silo's reply arrives with a flipped byte (seeded by run.seed)."""
+
+    def __post_init__(self) -> None:
+        from fedtrain.client.faults import parse_fault
+
+        for spec in self.inject:
+            try:
+                parse_fault(spec)
+            except ValueError as e:
+                raise ConfigError(f"faults.inject: {e}") from None
+        for key, v in (("drop_rate", self.drop_rate), ("corrupt_rate", self.corrupt_rate)):
+            _check(0.0 <= v < 1.0, f"faults.{key}", "a number in [0, 1)", v)
+
+
+@dataclass(kw_only=True, slots=True)
 class SiloProfile:
     name: str = "default"
     """Profile name (shows in events)."""
@@ -550,6 +621,10 @@ class Config:
     """When a round closes."""
     simulation: SimulationSection = field(default_factory=SimulationSection)
     """Simulated silos: engine, hardware and network."""
+    reliability: ReliabilitySection = field(default_factory=ReliabilitySection)
+    """Update validation limits and quarantine."""
+    faults: FaultsSection = field(default_factory=FaultsSection)
+    """Faults injected into simulated silos (testing and research)."""
 
     def __post_init__(self) -> None:
         if self.simulation.profiles:
@@ -584,6 +659,9 @@ class Config:
         self._check_tree()
         self._check_robust()
         names = set(self.silo_names())
+        for spec in self.faults.inject:
+            silo = spec.partition("@")[2].partition(":")[0]
+            _check(silo in names, "faults.inject", f"silos among {sorted(names)}", spec)
         for silo in self.data.silo_data:
             _check(silo in names, "data.silo_data", f"keys among silo names {sorted(names)}", silo)
 

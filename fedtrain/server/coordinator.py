@@ -27,11 +27,11 @@ from fedtrain.data.stream import derive_seed
 from fedtrain.models.llama import Llama
 from fedtrain.server.closing import close_condition
 from fedtrain.server.engine import Engine
-from fedtrain.server.validate import UpdateRejected, validate_update
+from fedtrain.server.validate import UpdateRejected, UpdateValidator
 from fedtrain.storage.runstore import RunStore, StoredState
 from fedtrain.strategies.base import Strategy, Work
 from fedtrain.transport.feedback import ErrorFeedback
-from fedtrain.transport.payload import PayloadError, decode_payload, encode_payload
+from fedtrain.transport.payload import decode_payload, encode_payload
 
 __all__ = ["Coordinator", "RunTotals"]
 
@@ -68,6 +68,10 @@ class RunTotals:
     """Largest single uplink payload (the peak a silo's link must carry per sync)."""
     max_payload_values: int = 0
     """Most values in one decoded uplink payload."""
+    strikes: dict[str, int] = field(default_factory=dict)
+    """Rejected updates per silo (validation failures, duplicates, unsolicited replies)."""
+    quarantined: dict[str, int] = field(default_factory=dict)
+    """Silo -> round it was quarantined in (it gets no more work)."""
     history: list[dict[str, Any]] = field(default_factory=list)
 
     def to_json(self) -> dict[str, Any]:
@@ -117,6 +121,13 @@ class Coordinator:
             missing = sorted(set(engine.silos) - set(self.public_keys))
             raise ValueError(f"transport.sign_updates is on but silos {missing} have no key")
         self.feedback = ErrorFeedback() if cfg.transport.error_feedback else None
+        self.validator = UpdateValidator(
+            run_id=run_id,
+            params=self.params,
+            kind=strategy.reply_kind,
+            limits=cfg.reliability,
+            public_keys=self.public_keys if cfg.transport.sign_updates else None,
+        )
         self.totals = RunTotals()
         self._downlink: bytes | None = None
         self._restored = False
@@ -199,6 +210,8 @@ class Coordinator:
             rnd = t.rounds + 1
             self.store.start_round(rnd)
             work = self.strategy.plan(rnd, self.engine.silos, total_steps - t.steps)
+            # Quarantined silos get no work: to the round they are permanent stragglers.
+            work = {s: w for s, w in work.items() if s not in t.quarantined}
             self._outstanding.update({s: (rnd, w) for s, w in work.items()})
             steps = max((w.steps for w in work.values()), default=0)
             if self.on_round_start:
@@ -254,6 +267,7 @@ class Coordinator:
                 "fragment": next((w.extra.get("fragment") for w in work.values()), None),
                 "max_payload_bytes": result["max_payload_bytes"],
                 "decode_error": result["decode_error"],
+                "quarantined": len(t.quarantined),
             }
             stats = getattr(self.engine, "round_stats", None)
             if stats is not None:
@@ -269,6 +283,7 @@ class Coordinator:
 
     def _round(self, rnd: int, work: dict[str, Work], downlink: bytes | None) -> dict[str, Any]:
         cfg = self.cfg
+        t = self.totals
         timeout = cfg.round.timeout_s
         closer = close_condition(cfg.round)
         agg = self.strategy.new_aggregator()
@@ -282,14 +297,28 @@ class Coordinator:
         last_arrival = 0.0
         accepted: list[str] = []
         closed = False
+        replies: dict[str, int] = {}
         for reply in self.engine.run_round(rnd, work, downlink, timeout):
-            seen += 1
-            sent_round, sent = self._outstanding.pop(reply.silo, (rnd, work.get(reply.silo)))
+            n_sent = replies[reply.silo] = replies.get(reply.silo, 0) + 1
+            seen += n_sent == 1
             size = len(reply.payload or b"")
             bytes_up += size
             max_payload = max(max_payload, size)
             reason: str | None = None
-            if reply.arrival_s > timeout:
+            strike = True
+            # One update per silo per round: a repeat never takes (or counts) the work again.
+            sent_round, sent = (
+                (rnd, None)
+                if n_sent > 1
+                else self._outstanding.pop(reply.silo, (rnd, work.get(reply.silo)))
+            )
+            if n_sent > 1:
+                reason = f"duplicate: reply {n_sent} from {reply.silo} in round {rnd}"
+            elif reply.silo in t.quarantined:
+                reason = f"silo quarantined in round {t.quarantined[reply.silo]}"
+                strike = False
+            elif reply.arrival_s > timeout:
+                strike = False
                 stragglers += 1
                 reason = f"straggler: arrived at {reply.arrival_s:.3f}s > {timeout}s"
                 self.store.event(
@@ -300,39 +329,34 @@ class Coordinator:
                     timeout_s=timeout,
                 )
             elif sent is None:
-                rejected += 1
                 reason = "reply from a silo that was sent no work"
-                self.store.event("rejected", round=rnd, silo=reply.silo, reason=reason)
             elif reply.error is not None or reply.payload is None:
                 rejected += 1
                 reason = f"silo failed: {reply.error}"
+                strike = False
                 self.store.event("failed", round=rnd, silo=reply.silo, reason=reply.error)
                 log.warning("silo %s failed in round %d: %s", reply.silo, rnd, reply.error)
             else:
                 try:
-                    key = self.public_keys.get(reply.silo) if cfg.transport.sign_updates else None
-                    payload = decode_payload(reply.payload, public_key=key)
-                    validate_update(
-                        payload,
-                        run_id=self.run_id,
-                        round=sent_round,
+                    payload = self.validator.check(
+                        reply.payload,
                         silo=reply.silo,
-                        kind=self.strategy.reply_kind,
-                        params=self.params,
+                        round=sent_round,
                         names=sent.names,
                         shapes=sent.extra.get("shapes"),
                     )
-                except (PayloadError, UpdateRejected) as e:
-                    rejected += 1
+                except UpdateRejected as e:
                     reason = str(e)
-                    self.store.event("rejected", round=rnd, silo=reply.silo, reason=reason)
-                    log.warning("rejected update from %s in round %d: %s", reply.silo, rnd, e)
-            self.strategy.received(reply.silo, t0 + reply.arrival_s, reason is None)
+            if n_sent == 1:
+                self.strategy.received(reply.silo, t0 + reply.arrival_s, reason is None)
             if reason is not None:
+                if strike:
+                    rejected += 1
+                    self._strike(rnd, reply.silo, reason)
                 # Kept for debugging, marked invalid with the reason.
                 self.store.store_update(
                     rnd,
-                    reply.silo,
+                    reply.silo if n_sent == 1 else f"{reply.silo}#{n_sent}",
                     reply.payload,
                     valid=False,
                     reason=reason,
@@ -402,7 +426,6 @@ class Coordinator:
                     rnd,
                     report["decode_error"],
                 )
-        t = self.totals
         t.stragglers += stragglers
         t.rejected += rejected
         t.values_up += values
@@ -426,6 +449,30 @@ class Coordinator:
             "compression_up": 4 * values / decoded_bytes if decoded_bytes else None,
             "max_payload_bytes": max_payload,
         }
+
+    def _strike(self, rnd: int, silo: str, reason: str) -> None:
+        """Record a rejected update; quarantine the silo at ``reliability.quarantine_after``."""
+        t = self.totals
+        t.strikes[silo] = t.strikes.get(silo, 0) + 1
+        self.store.event("rejected", round=rnd, silo=silo, reason=reason, strike=t.strikes[silo])
+        log.warning("rejected update from %s in round %d: %s", silo, rnd, reason)
+        limit = self.cfg.reliability.quarantine_after
+        if limit and t.strikes[silo] >= limit and silo not in t.quarantined:
+            t.quarantined[silo] = rnd
+            self.store.event("quarantined", round=rnd, silo=silo, strikes=t.strikes[silo])
+            log.warning(
+                "silo %s quarantined after %d rejected updates: it gets no more work",
+                silo,
+                t.strikes[silo],
+            )
+            active = len(self.engine.silos) - len(t.quarantined)
+            if active < self.cfg.round.min_silos:
+                log.error(
+                    "only %d silos remain out of quarantine, fewer than round.min_silos = %d: "
+                    "the remaining rounds cannot commit",
+                    active,
+                    self.cfg.round.min_silos,
+                )
 
     @torch.no_grad()
     def _outer_step(self, rnd: int, mean: dict[str, torch.Tensor], accepted: list[str]) -> bytes:

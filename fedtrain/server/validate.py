@@ -1,16 +1,36 @@
-"""Checks an update must pass before it counts toward the aggregate."""
+"""Checks an update must pass before it counts toward the aggregate.
+
+:class:`UpdateValidator` takes a reply's raw bytes and either returns the decoded update or
+raises :class:`UpdateRejected` with the reason, in this order: size limit (before any parsing),
+framing / checksum / signature (:func:`~fedtrain.transport.payload.decode_payload`), run id,
+round (no replay of another round's payload), sender (no other silo's payload), kind, key set,
+shapes, dtypes, finite values, and the norm bound (reject, or clip to the bound).
+"""
 
 from __future__ import annotations
 
+import math
+from typing import Any
+
 import torch
 
-from fedtrain.transport.payload import Payload
+from fedtrain.config import ReliabilitySection
+from fedtrain.transport.payload import Payload, PayloadError, decode_payload
 
-__all__ = ["UpdateRejected", "validate_update"]
+__all__ = ["UpdateRejected", "UpdateValidator", "default_max_payload_bytes", "validate_update"]
 
 
 class UpdateRejected(ValueError):
-    """A decoded update does not fit the round or the model; the message is the reason."""
+    """A reply does not fit the round or the model; the message is the reason."""
+
+
+def default_max_payload_bytes(n_params: int) -> int:
+    """Twice the fp32 model plus 1 MiB: room for any codec and the header, nothing absurd."""
+    return 8 * n_params + (1 << 20)
+
+
+def _dtype_name(t: torch.Tensor) -> str:
+    return str(t.dtype).removeprefix("torch.")
 
 
 def validate_update(
@@ -28,7 +48,7 @@ def validate_update(
     if payload.run_id != run_id:
         raise UpdateRejected(f"payload belongs to run {payload.run_id!r}, not {run_id!r}")
     if payload.round != round:
-        raise UpdateRejected(f"payload is for round {payload.round}, expected {round}")
+        raise UpdateRejected(f"payload is for round {payload.round}, expected {round} (replay?)")
     if payload.sender != silo:
         raise UpdateRejected(f"payload was sent by {payload.sender!r}, expected {silo!r}")
     if payload.kind != kind:
@@ -41,5 +61,78 @@ def validate_update(
         want_shape = tuple(shapes[name]) if shapes and name in shapes else tuple(params[name].shape)
         if tuple(t.shape) != want_shape:
             raise UpdateRejected(f"{name}: shape {tuple(t.shape)} != {want_shape}")
+        sent = payload.dtypes.get(name)
+        if name in params and sent is not None and sent != _dtype_name(params[name]):
+            raise UpdateRejected(f"{name}: dtype {sent} != {_dtype_name(params[name])}")
         if not bool(torch.isfinite(t).all()):
             raise UpdateRejected(f"{name}: contains NaN or infinite values")
+
+
+class UpdateValidator:
+    """Everything a reply must pass, with the run's limits and the silos' public keys."""
+
+    def __init__(
+        self,
+        *,
+        run_id: str,
+        params: dict[str, torch.nn.Parameter],
+        kind: str,
+        limits: ReliabilitySection,
+        public_keys: dict[str, Any] | None = None,
+    ) -> None:
+        self.run_id = run_id
+        self.params = params
+        self.kind = kind
+        self.limits = limits
+        self.public_keys = public_keys
+        """Silo -> Ed25519 public key when signatures are required, else None."""
+        n_params = sum(p.numel() for p in params.values())
+        self.max_bytes = limits.max_payload_bytes or default_max_payload_bytes(n_params)
+
+    def check(
+        self,
+        data: bytes | memoryview,
+        *,
+        silo: str,
+        round: int,
+        names: list[str] | None = None,
+        shapes: dict[str, list[int]] | None = None,
+    ) -> Payload:
+        """The decoded, valid (possibly norm-clipped) update, or :class:`UpdateRejected`."""
+        if len(data) > self.max_bytes:
+            raise UpdateRejected(
+                f"payload of {len(data)} bytes exceeds reliability.max_payload_bytes = "
+                f"{self.max_bytes}"
+            )
+        key = None
+        if self.public_keys is not None:
+            key = self.public_keys.get(silo)
+            if key is None:
+                raise UpdateRejected(f"no public key for silo {silo!r}")
+        try:
+            payload = decode_payload(data, public_key=key)
+        except PayloadError as e:
+            raise UpdateRejected(str(e)) from None
+        validate_update(
+            payload,
+            run_id=self.run_id,
+            round=round,
+            silo=silo,
+            kind=self.kind,
+            params=self.params,
+            names=names,
+            shapes=shapes,
+        )
+        bound = self.limits.max_update_norm
+        if bound > 0:
+            squares = (float(t.double().square().sum()) for t in payload.tensors.values())
+            norm = math.sqrt(sum(squares))
+            if norm > bound:
+                if self.limits.norm_action == "reject":
+                    raise UpdateRejected(
+                        f"update norm {norm:.4g} exceeds reliability.max_update_norm = {bound:g}"
+                    )
+                scale = bound / norm
+                payload.tensors = {n: t * scale for n, t in payload.tensors.items()}
+                payload.meta = {**payload.meta, "clipped_from_norm": norm}
+        return payload

@@ -54,6 +54,12 @@ def check_flower_config(cfg: Config) -> None:
             "simulated stragglers (simulation.bursty_b, profile dropout) need the in-process "
             f"engine's virtual clock; {engine} has none"
         )
+    f = cfg.faults
+    if f.inject or f.drop_rate or f.corrupt_rate:
+        raise ValueError(
+            f"[faults] are injected by the in-process engine; {engine} does not (a deployed "
+            "silo takes them from FEDTRAIN_FAULTS)"
+        )
 
 
 def _require_ray() -> None:

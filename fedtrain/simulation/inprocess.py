@@ -17,6 +17,7 @@ from typing import Any
 import torch
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
+from fedtrain.client.faults import FaultPlan, tamper
 from fedtrain.client.trainer import SiloTrainer
 from fedtrain.client.worker import SiloWorker
 from fedtrain.config import Config
@@ -92,6 +93,13 @@ class InProcessEngine:
             for name, tokens in zip(self.silos, silo_tokens, strict=True)
         }
         self.public_keys = {n: k.public_key() for n, k in keys.items() if k is not None}
+        self.signing_keys = keys
+        self.faults = FaultPlan.from_specs(
+            cfg.faults.inject,
+            drop_rate=cfg.faults.drop_rate,
+            corrupt_rate=cfg.faults.corrupt_rate,
+            seed=cfg.run.seed,
+        )
         profiles = cfg.silo_profiles()
         self.measured_step_time_s: float | None = step_time_s
         first = next(iter(self.workers.values())).trainer
@@ -123,6 +131,7 @@ class InProcessEngine:
         self._synced: dict[str, int] = dict.fromkeys(self.silos, 0)
         """Last round whose broadcast each silo applied (keep_late only)."""
         self._round_start: tuple[float, dict[str, float]] = (0.0, dict(self.compute_s))
+        self._pending_faults: dict[str, list[Any]] = {}
 
     def join(self, weights_payload: bytes) -> int:
         weights = decode_payload(weights_payload).tensors
@@ -141,18 +150,21 @@ class InProcessEngine:
         self._round_start = (start, dict(self.compute_s))
         if self.keep_late and downlink is not None:
             self._backlog[round - 1] = downlink
+        sent: list[tuple[float, int, Reply, tuple[float, float, float] | None]] = []
         for idx, name in enumerate(self.silos):
             if name not in work:
                 continue
             worker, timing, w = self.workers[name], self.timing[name], work[name]
             down = self._catch_up(name, round) if self.keep_late else downlink
-            if self.stragglers.dropped(name, round):
+            faults = self.faults.at(name, round) if self.faults else []
+            killed = any(f.kind == "kill" for f in faults)
+            if self.stragglers.dropped(name, round) or killed:
                 # Down for this round: it catches up on the broadcast, sends nothing, and the
                 # coordinator hears at once that it is gone (as Flower reports a lost node).
                 worker.receive(down)
                 self.ready_at[name] = max(self.ready_at[name], start)
-                failed = Reply(name, None, 0.0, error="dropped out (simulated)")
-                self._inflight.append((start, idx, failed, None))
+                why = "killed (injected fault)" if killed else "dropped out (simulated)"
+                self._inflight.append((start, idx, Reply(name, None, 0.0, error=why), None))
                 continue
             result = worker.handle(round, w, down, self.on_step)
             # Per-silo timeline: the silo kept computing after its last send; it trains
@@ -166,7 +178,11 @@ class InProcessEngine:
             t += (result.stats.steps - apply_at) * per_step
             arrival = t + timing.up_time(len(result.payload))
             span = (busy_from, t, result.stats.steps * per_step)
-            self._inflight.append((arrival, idx, Reply(name, result.payload, 0.0), span))
+            entry = (arrival, idx, Reply(name, result.payload, 0.0), span)
+            if faults:
+                self._pending_faults[name] = faults
+            sent.append(entry)
+        self._inflight.extend(self._inject(round, sent) if self.faults else sent)
         self._inflight.sort(key=lambda r: (r[0], r[1]))
         while self._inflight:
             at, _, reply, busy = self._inflight[0]
@@ -179,6 +195,42 @@ class InProcessEngine:
                 self.ready_at[reply.silo] = busy[1]
                 self.compute_s[reply.silo] += busy[2]
             yield Reply(reply.silo, reply.payload, at - start, error=reply.error)
+
+    def _inject(
+        self, round: int, sent: list[tuple[float, int, Reply, tuple[float, float, float] | None]]
+    ) -> list[tuple[float, int, Reply, tuple[float, float, float] | None]]:
+        """Replace this round's replies by what the faulty silos send instead."""
+        honest = {r.silo: r.payload for _, _, r, _ in sent if r.payload is not None}
+        order = [n for n in self.silos if n in honest]
+        out: list[tuple[float, int, Reply, tuple[float, float, float] | None]] = []
+        for arrival, idx, reply, span in sent:
+            name = reply.silo
+            assert reply.payload is not None
+            previous = self.faults.remember(name, reply.payload)
+            faults = self._pending_faults.pop(name, [])
+            if any(f.kind == "drop" for f in faults):
+                log.info("round %d: %s's reply is lost (injected fault)", round, name)
+                continue
+            payloads = [reply.payload]
+            for f in faults:
+                if f.kind == "delay":
+                    arrival += f.value
+                    continue
+                other = order[(order.index(name) + 1) % len(order)] if len(order) > 1 else None
+                payloads = [
+                    x
+                    for p in payloads
+                    for x in tamper(
+                        f,
+                        p,
+                        key=self.signing_keys[name],
+                        previous=previous,
+                        other=honest[other] if other is not None else None,
+                    )
+                ]
+                log.info("round %d: %s sends a faulty reply (%s)", round, name, f.kind)
+            out.extend((arrival, idx, Reply(name, p, 0.0), span) for p in payloads)
+        return out
 
     def _catch_up(self, name: str, round: int) -> bytes | None:
         """Apply every broadcast ``name`` missed while computing, but the last; return that one

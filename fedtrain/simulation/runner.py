@@ -282,6 +282,8 @@ def _execute(sim: Simulation) -> dict[str, Any]:
         "error_feedback": cfg.transport.error_feedback,
         "stragglers": totals.stragglers,
         "rejected": totals.rejected,
+        "strikes": totals.strikes,
+        "quarantined": totals.quarantined,
         "max_buffer_bytes": totals.max_buffer_bytes,
         "sim_time_s": engine.sim_time_s(),
         "measured_step_time_s": getattr(engine, "measured_step_time_s", None),

@@ -72,6 +72,8 @@ class Payload:
     """Whether the payload carried a signature (verified if a key was given)."""
     meta: dict[str, Any] = field(default_factory=dict)
     """Small JSON metadata (tokens, loss, steps, acknowledgements ...)."""
+    dtypes: dict[str, str] = field(default_factory=dict)
+    """Each tensor's dtype at the sender before encoding ('float32' ...)."""
 
     @property
     def numel(self) -> int:
@@ -152,14 +154,24 @@ def decode_payload(
     """
     header, start = read_header(data)
     try:
-        names, shapes, sizes = list(header["names"]), list(header["shapes"]), header["sizes"]
-        numels = list(header["numels"])
-        block = int(header["block_size"])
-        codec = get_codec(str(header["codec"]), block_size=block)
-        body_bytes, digest = int(header["body_bytes"]), str(header["body_sha256"])
-        signed = bool(header["signed"])
-        run_id, rnd, sender = str(header["run_id"]), int(header["round"]), str(header["sender"])
-        fragment = header["fragment"] if header["fragment"] is None else int(header["fragment"])
+        names, shapes, sizes, numels, dtypes = (
+            _list(header, k) for k in ("names", "shapes", "sizes", "numels", "dtypes")
+        )
+        block = _int(header, "block_size")
+        if not 1 <= block <= 1 << 20:
+            raise ValueError(f"'block_size' {block} is outside [1, 1048576]")
+        codec = get_codec(_str(header, "codec"), block_size=block)
+        body_bytes, digest = _int(header, "body_bytes"), _str(header, "body_sha256")
+        signed = header["signed"]
+        run_id, rnd, sender = _str(header, "run_id"), _int(header, "round"), _str(header, "sender")
+        kind = _str(header, "kind")
+        fragment = header["fragment"]
+        if not isinstance(signed, bool) or not (fragment is None or type(fragment) is int):
+            raise ValueError("'signed' must be a boolean and 'fragment' null or an integer")
+        if not all(isinstance(n, str) for n in names + dtypes) or len(set(names)) != len(names):
+            raise ValueError("'names' and 'dtypes' must be lists of strings, names unique")
+        if not all(type(v) is int and v >= 0 for v in sizes + numels) or body_bytes < 0:
+            raise ValueError("'sizes', 'numels' and 'body_bytes' must be integers >= 0")
     except (KeyError, TypeError, ValueError) as e:
         raise PayloadError(f"header missing or invalid field: {e}") from None
     tail = SIGNATURE_BYTES if signed else 0
@@ -182,12 +194,19 @@ def decode_payload(
     if hashlib.sha256(body).hexdigest() != digest:
         raise PayloadError("body checksum mismatch (corrupted in transit or tampered)")
     n = len(names)
-    if not (len(shapes) == len(sizes) == len(numels) == n) or sum(sizes) != body_bytes:
+    if (
+        not (len(shapes) == len(sizes) == len(numels) == len(dtypes) == n)
+        or sum(sizes) != body_bytes
+    ):
         raise PayloadError("header tensor lists are inconsistent with the body size")
     tensors: dict[str, torch.Tensor] = {}
     offset = 0
     for name, shape, numel, size in zip(names, shapes, numels, sizes, strict=True):
-        if not all(isinstance(d, int) and d >= 0 for d in shape) or math.prod(shape) != numel:
+        if (
+            not isinstance(shape, list)
+            or not all(type(d) is int and d >= 0 for d in shape)
+            or math.prod(shape) != numel
+        ):
             raise PayloadError(f"tensor {name!r}: shape {shape} does not hold {numel} values")
         if codec.encoded_size(numel) != size:
             raise PayloadError(
@@ -199,7 +218,7 @@ def decode_payload(
     if not isinstance(meta, dict):
         raise PayloadError("header meta is not an object")
     return Payload(
-        kind=str(header["kind"]),
+        kind=kind,
         run_id=run_id,
         round=rnd,
         sender=sender,
@@ -209,4 +228,26 @@ def decode_payload(
         block_size=block,
         signed=signed,
         meta=meta,
+        dtypes=dict(zip(names, dtypes, strict=True)),
     )
+
+
+def _list(header: dict[str, Any], key: str) -> list[Any]:
+    value = header[key]
+    if not isinstance(value, list):
+        raise ValueError(f"{key!r} is not a list")
+    return value
+
+
+def _int(header: dict[str, Any], key: str) -> int:
+    value = header[key]
+    if type(value) is not int:
+        raise ValueError(f"{key!r} is not an integer")
+    return value
+
+
+def _str(header: dict[str, Any], key: str) -> str:
+    value = header[key]
+    if not isinstance(value, str):
+        raise ValueError(f"{key!r} is not a string")
+    return value
