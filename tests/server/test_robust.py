@@ -106,3 +106,36 @@ def test_median_runs_end_to_end_and_equals_the_mean_for_two_silos(tmp_path):
     )
     assert med["rounds"] == 2 and med["rounds_failed"] == 0
     assert med["final_eval_loss"] == pytest.approx(mean["final_eval_loss"], rel=1e-5)
+
+
+BYZANTINE = ["scale@silo6:*=-10", "scale@silo7:*=-10"]  # f = 2 of 8 silos, every round
+LOSS_BOUND = 0.06
+"""Median / trimmed mean under attack stay within 6% of the honest run's final eval loss."""
+
+
+@pytest.mark.slow
+def test_byzantine_silos_median_and_trimmed_mean_hold_the_loss_mean_does_not(tmp_path):
+    def run(name: str, inject: list[str], **strategy) -> float:
+        cfg = tiny_config_dict(
+            run={"rounds": 5, "eval_batches": 4},
+            data={"silos": 8, "max_chars": 400_000},
+            train={"inner_steps": 10, "warmup_steps": 2, "batch_size": 4, "threads": 1},
+            strategy=strategy,
+            simulation={"profiles": [{"count": 8, "step_time_s": 0.01}]},
+            storage={"checkpoint_every": 1000, "cache_bytes": 0},
+            faults={"inject": inject},
+        )
+        s = simulate(config_from_dict(cfg), tmp_path / name, quiet=True)
+        assert s["rounds"] == 5 and s["rejected"] == 0  # the lies are well-formed and signed
+        return float(s["final_eval_loss"])
+
+    honest = run("honest", [])
+    attacked = {
+        "mean": run("mean", BYZANTINE),
+        "median": run("median", BYZANTINE, aggregator="median"),
+        "trimmed": run("trimmed", BYZANTINE, aggregator="trimmed_mean", trim_fraction=0.25),
+    }
+    for name in ("median", "trimmed"):
+        assert attacked[name] <= honest * (1 + LOSS_BOUND), (name, attacked[name], honest)
+    # The mean follows the attackers: (6 g - 20 g') / 8 points uphill, and the loss climbs.
+    assert attacked["mean"] > 2 * honest, (attacked["mean"], honest)

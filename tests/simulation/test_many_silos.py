@@ -1,4 +1,6 @@
-"""64 virtual silos: the coordinator's aggregation buffer does not grow with the silo count."""
+"""64 virtual silos × 20 rounds under random faults (10% of replies lost, 5% corrupted): every
+round commits, exactly the corrupted replies are rejected, repeat offenders are quarantined, and
+the coordinator's aggregation buffer is the same as with 4 silos."""
 
 from __future__ import annotations
 
@@ -6,44 +8,78 @@ import json
 
 import pytest
 
+from fedtrain.client.faults import FaultPlan
 from fedtrain.config import config_from_dict
 from fedtrain.simulation.runner import simulate
 from tests.conftest import tiny_config_dict
 
 pytestmark = pytest.mark.slow
 
+ROUNDS, DROP, CORRUPT = 20, 0.10, 0.05
 
-def _run(tmp_path, silos: int, **strategy):
+
+def _run(tmp_path, silos: int, rounds: int, **faults):
     cfg = config_from_dict(
         tiny_config_dict(
-            run={"rounds": 2, "eval_batches": 2},
+            run={"rounds": rounds, "eval_batches": 2, "eval_every_tokens": 10**9},
             data={"silos": silos, "max_chars": 600_000},
             train={
-                "inner_steps": 2,
+                "inner_steps": 1,
                 "warmup_steps": 1,
                 "batch_size": 2,
                 "seq_len": 16,
                 "threads": 1,
             },
-            strategy=strategy,
+            round={"min_silos": silos // 2},
             simulation={"profiles": [{"count": silos, "step_time_s": 0.01}]},
+            faults=faults,
             # Silo checkpoints (64 models + optimizer states) only at the end.
-            storage={"checkpoint_every": 100, "cache_bytes": 0},
+            storage={"checkpoint_every": 1000, "cache_bytes": 0},
         )
     )
-    out = tmp_path / f"{silos}-{strategy.get('name', 'diloco')}"
+    out = tmp_path / f"{silos}x{rounds}"
     summary = simulate(cfg, out, quiet=True)
     rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
-    return summary, rows
+    return cfg, summary, rows
 
 
-def test_buffer_bytes_are_independent_of_the_silo_count(tmp_path):
-    few, few_rows = _run(tmp_path, 4)
-    many, many_rows = _run(tmp_path, 64)
-    assert many["rounds"] == 2 and many["rounds_failed"] == 0
-    assert all(r["silos"] == 64 for r in many_rows)
-    assert many["max_buffer_bytes"] > 0
-    assert many["max_buffer_bytes"] == few["max_buffer_bytes"]
-    assert [r["buffer_bytes"] for r in many_rows] == [r["buffer_bytes"] for r in few_rows]
-    # The buffer is one fp32 sum of what a round syncs, not 64 updates.
-    assert many["max_buffer_bytes"] <= 4 * many["parameters"]
+def _expected(cfg, silos: int) -> tuple[list[int], list[int], dict[str, int]]:
+    """Valid and rejected replies per round, and quarantines, replayed from the fault plan."""
+    plan = FaultPlan(drop_rate=DROP, corrupt_rate=CORRUPT, seed=cfg.run.seed)
+    strikes: dict[str, int] = {}
+    quarantined: dict[str, int] = {}
+    valid, rejected = [], []
+    for r in range(1, ROUNDS + 1):
+        ok = bad = 0
+        for s in cfg.silo_names():
+            if s in quarantined:
+                continue
+            kinds = [f.kind for f in plan.at(s, r)]
+            if "drop" in kinds:
+                continue
+            if "corrupt" in kinds:
+                bad += 1
+                strikes[s] = strikes.get(s, 0) + 1
+                if strikes[s] == cfg.reliability.quarantine_after:
+                    quarantined[s] = r
+            else:
+                ok += 1
+        valid.append(ok)
+        rejected.append(bad)
+    return valid, rejected, quarantined
+
+
+def test_64_silos_20_rounds_with_drops_and_corruption(tmp_path):
+    _, few, few_rows = _run(tmp_path, 4, 2)
+    cfg, many, rows = _run(tmp_path, 64, ROUNDS, drop_rate=DROP, corrupt_rate=CORRUPT)
+    assert many["rounds"] == ROUNDS and many["rounds_failed"] == 0
+    assert [r["round"] for r in rows] == list(range(1, ROUNDS + 1))  # every round committed
+    valid, rejected, quarantined = _expected(cfg, 64)
+    assert [r["silos"] for r in rows] == valid
+    assert [r["rejected"] for r in rows] == rejected
+    dropped = sum(64 - v - b for v, b in zip(valid, rejected, strict=True))
+    assert sum(rejected) > 0 and dropped > 0
+    assert many["quarantined"] == quarantined
+    # The buffer is one fp32 sum of what a round syncs, not 64 updates: same as with 4 silos.
+    assert {r["buffer_bytes"] for r in rows} == {few_rows[0]["buffer_bytes"]}
+    assert many["max_buffer_bytes"] == few["max_buffer_bytes"] <= 4 * many["parameters"]
