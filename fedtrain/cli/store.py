@@ -25,6 +25,7 @@ _ROUND_METRICS = (
     "silos",
     "stragglers",
     "rejected",
+    "quarantined",
 )
 
 RunDirArg = Annotated[Path, typer.Argument(help="The run directory.")]

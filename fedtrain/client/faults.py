@@ -16,9 +16,10 @@ Kinds, by what the coordinator sees:
   ``bad_signature`` (last signature byte flipped), ``unsigned`` (re-encoded without signature).
 - wrong content, validly signed by the silo itself: ``nan``, ``inf``, ``wrong_shape``,
   ``wrong_dtype`` (float64 values), ``wrong_keys`` (one parameter renamed), ``replay`` (its
-  previous round's payload), ``duplicate`` (the same reply sent twice), ``impersonate`` (another
-  silo's signed payload from this round; simulation only), and the Byzantine ``scale`` (update
-  times VALUE, default -10) and ``flip`` (update times -1).
+  previous round's payload), ``duplicate`` (the same reply sent twice; simulation only: Flower
+  carries exactly one reply per message), ``impersonate`` (another silo's signed payload from
+  this round; simulation only), and the Byzantine ``scale`` (update times VALUE, default -10)
+  and ``flip`` (update times -1).
 """
 
 from __future__ import annotations
@@ -56,8 +57,9 @@ FAULT_KINDS = (
     "flip",
 )
 _DEFAULT_VALUE = {"delay": 5.0, "oversize": float(1 << 22), "scale": -10.0}
-SIMULATION_ONLY = ("drop", "impersonate")
-"""Kinds a deployed silo cannot inject itself (no other silo's payload; drops need a proxy)."""
+SIMULATION_ONLY = ("drop", "impersonate", "duplicate")
+"""Kinds a deployed silo cannot inject itself: no other silo's payload (impersonate), drops need
+a proxy (drop), and Flower carries exactly one reply per message (duplicate)."""
 
 
 @dataclass(frozen=True, slots=True)

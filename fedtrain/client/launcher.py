@@ -13,6 +13,8 @@ resumes where the silo was.
 from __future__ import annotations
 
 import hashlib
+import socket
+import ssl
 import sys
 import tempfile
 import time
@@ -89,6 +91,40 @@ def _refusal(log_tail: str) -> str | None:
         if marker in log_tail:
             return reason
     return None
+
+
+_NEEDS_TLS = "TLS: the coordinator requires TLS (pass --tls-ca with its CA certificate)"
+_PROBE_EVERY_S = 10.0
+"""An insecure SuperNode not connected after this long: check whether the coordinator speaks
+TLS (Flower's SuperNode retries a TLS server over plain HTTP forever, logging no reason)."""
+
+
+def _speaks_tls(server: str, timeout_s: float = 5.0) -> bool | None:
+    """Whether ``server`` (HOST:PORT) completes a TLS handshake; None when it is unreachable.
+
+    The handshake verifies nothing: it only tells a TLS server from a plain one."""
+    host, _, port = server.rpartition(":")
+    ctx = ssl.create_default_context()
+    ctx.check_hostname = False
+    ctx.verify_mode = ssl.CERT_NONE
+    try:
+        with socket.create_connection((host.strip("[]"), int(port)), timeout=timeout_s) as s:
+            try:
+                with ctx.wrap_socket(s):
+                    return True
+            except ssl.SSLError:
+                return False
+    except (OSError, ValueError):
+        return None
+
+
+def _logged_since(path: Path, offset: int, marker: str) -> bool:
+    try:
+        with path.open("rb") as f:
+            f.seek(offset)
+            return marker.encode() in f.read()
+    except OSError:
+        return False
 
 
 def _stop_clientapps(port: str) -> None:
@@ -175,11 +211,32 @@ def run_client(opts: ClientOptions) -> int:
                 "--auth-supernode-public-key",
                 f"{opts.auth_key.resolve()}.pub",
             ]
+        node_log = children.log_path("supernode")
+        node_log_start = node_log.stat().st_size if node_log.exists() else 0
         children.start("supernode", node, {"FLWR_HOME": str(work / "flwr")})
         started = time.monotonic()
         print(f"fedtrain client: silo {opts.silo} connecting to {opts.server}", flush=True)
         backoff = 1.0
+        # With --tls-ca a plain coordinator shows in the SuperNode's log ("wrong version
+        # number"); without it, a TLS coordinator does not, so ask it directly.
+        tls_known = opts.tls_ca is not None
+        next_probe = time.monotonic() + _PROBE_EVERY_S
         while True:
+            if not tls_known and time.monotonic() >= next_probe:
+                next_probe = time.monotonic() + _PROBE_EVERY_S
+                if _logged_since(node_log, node_log_start, "SuperNode ID"):
+                    tls_known = True  # connected: the coordinator speaks plain HTTP
+                else:
+                    tls = _speaks_tls(opts.server)
+                    tls_known = tls is not None
+                    if tls:
+                        print(
+                            f"fedtrain client: the coordinator refused this silo: {_NEEDS_TLS}",
+                            file=sys.stderr,
+                            flush=True,
+                        )
+                        rc = 3
+                        break
             dead = children.exited()
             if dead is not None:
                 name, code = dead

@@ -363,6 +363,11 @@ class Coordinator:
                     codec=None,
                     weight=None,
                 )
+                if closer.should_close(valid, seen, expected):
+                    # The last expected reply was a bad one: the round is complete now.
+                    last_arrival = max(last_arrival, min(reply.arrival_s, timeout))
+                    closed = True
+                    break
                 continue
             w = self.strategy.weight(payload.meta)
             staleness = rnd - sent_round

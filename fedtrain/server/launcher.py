@@ -26,6 +26,7 @@ import urllib.request
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from fedtrain.server.children import (
     Children,
@@ -35,6 +36,9 @@ from fedtrain.server.children import (
     stop_processes_using,
     tail,
 )
+
+if TYPE_CHECKING:
+    from fedtrain.config import Config
 
 __all__ = ["ServerOptions", "run_server"]
 
@@ -78,6 +82,29 @@ def _wait_health(
             raise LaunchError("the SuperLink exited while starting")
         time.sleep(0.3)
     raise LaunchError(f"the SuperLink did not become healthy within {timeout_s:.0f}s")
+
+
+def max_body_bytes(cfg: Config) -> int:
+    """Largest request body the fleet proxy accepts for this run: the update size bound
+    (``reliability.max_payload_bytes``, or the auto bound for the run's model) plus 1 MiB for
+    Flower's message envelope. Flower moves payloads in 5 MiB chunks, so this is loose for a
+    healthy silo and only stops absurd bodies."""
+    import torch
+
+    from fedtrain.data.tokenizer import ByteTokenizer
+    from fedtrain.models.llama import Llama, count_parameters
+    from fedtrain.models.presets import PRESETS
+    from fedtrain.server.validate import default_max_payload_bytes
+
+    bound = cfg.reliability.max_payload_bytes
+    if not bound:
+        # The BPE tokenizer is trained by the ServerApp later; its size is at most the
+        # configured vocab_size, so this bound is never below the real model's.
+        vocab = ByteTokenizer.vocab_size if cfg.data.tokenizer == "byte" else cfg.data.vocab_size
+        with torch.device("meta"):  # shapes only: no memory, no init
+            model = Llama(PRESETS[cfg.model.preset], vocab, cfg.model.tie_embeddings)
+        bound = default_max_payload_bytes(count_parameters(model))
+    return int(bound) + (1 << 20)
 
 
 def _toml_str(value: str) -> str:
@@ -238,6 +265,8 @@ def run_server(opts: ServerOptions) -> int:
             keyfile=tls / "server.key" if tls else None,
             upstream_ca=ca,
             stats_path=run_dir / "fleet-traffic.json",
+            max_requests_per_s=cfg.reliability.max_requests_per_s,
+            max_body_bytes=max_body_bytes(cfg),
         )
         proxy.start()
         (run_dir / "address").write_text(f"{host}:{proxy.port}\n")

@@ -85,3 +85,9 @@ class RunProgress:
             + (f"simulated {s['sim_time_s']:.1f}s; " if s.get("sim_time_s") is not None else "")
             + f"wall {s['wall_s']:.1f}s"
         )
+        if s.get("rejected") or s.get("quarantined"):
+            quarantined = ", ".join(f"{k} (round {v})" for k, v in s["quarantined"].items())
+            self.console.print(
+                f"[yellow]{s['rejected']} updates rejected (see events.jsonl); quarantined: "
+                f"{quarantined or 'none'}[/yellow]"
+            )

@@ -4,8 +4,9 @@ Layout: ``b"FTP1"`` | header length (uint32 BE) | UTF-8 JSON header | body | [64
 signature over everything before it, when the header says ``signed``].
 The body is each tensor's codec bytes, concatenated in header order. The header carries the
 run id, round, sender and fragment, so a signed payload cannot be replayed into another round,
-run or silo. Decoding checks magic, lengths, signature (when a key is given), the body's sha256
-and every tensor's size BEFORE decoding values; any failure raises :class:`PayloadError` (or its
+run or silo. Decoding checks magic, lengths, the header's sha256 (of its canonical JSON),
+signature (when a key is given), the body's sha256 and every tensor's size BEFORE decoding
+values; any failure raises :class:`PayloadError` (or its
 subclass :class:`SignatureError`) with the reason — never garbage tensors.
 """
 
@@ -31,6 +32,7 @@ __all__ = [
     "SignatureError",
     "decode_payload",
     "encode_payload",
+    "header_digest",
     "read_header",
 ]
 
@@ -38,6 +40,8 @@ MAGIC = b"FTP1"
 FORMAT_VERSION = 1
 SIGNATURE_BYTES = 64
 _MAX_HEADER = 64 << 20
+_MAX_DIMS = 64
+"""torch's limit on a tensor's dimensions."""
 
 
 class PayloadError(ValueError):
@@ -120,6 +124,7 @@ def encode_payload(
         "signed": signing_key is not None,
         "meta": meta or {},
     }
+    header["header_sha256"] = header_digest(header)
     head = json.dumps(header, separators=(",", ":"), sort_keys=True).encode("utf-8")
     framed = MAGIC + struct.pack(">I", len(head)) + head + body
     if signing_key is not None:
@@ -136,8 +141,8 @@ def read_header(data: bytes | memoryview) -> tuple[dict[str, Any], int]:
         raise PayloadError(f"truncated header: needs {hlen} bytes, {len(data) - 8} present")
     try:
         header = json.loads(bytes(data[8 : 8 + hlen]).decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise PayloadError(f"corrupted header: {e}") from None
+    except (ValueError, RecursionError) as e:  # bad UTF-8 / JSON, ints > 4300 digits, deep nesting
+        raise PayloadError(f"corrupted header: {type(e).__name__}: {str(e)[:200]}") from None
     if not isinstance(header, dict):
         raise PayloadError("corrupted header: not a JSON object")
     if header.get("format") != FORMAT_VERSION:
@@ -153,6 +158,8 @@ def decode_payload(
     With ``public_key``, the payload must be signed by the matching private key.
     """
     header, start = read_header(data)
+    if header.get("header_sha256") != header_digest(header):
+        raise PayloadError("header checksum mismatch or missing (corrupted in transit or tampered)")
     try:
         names, shapes, sizes, numels, dtypes = (
             _list(header, k) for k in ("names", "shapes", "sizes", "numels", "dtypes")
@@ -204,9 +211,15 @@ def decode_payload(
     for name, shape, numel, size in zip(names, shapes, numels, sizes, strict=True):
         if (
             not isinstance(shape, list)
+            or len(shape) > _MAX_DIMS
             or not all(type(d) is int and d >= 0 for d in shape)
-            or math.prod(shape) != numel
+            or math.prod(max(d, 1) for d in shape) >= 1 << 63  # torch sizes are int64
         ):
+            raise PayloadError(
+                f"tensor {name!r}: shape {str(shape)[:200]} is not a tensor shape "
+                f"(a list of at most {_MAX_DIMS} integers >= 0 fitting int64)"
+            )
+        if math.prod(shape) != numel:
             raise PayloadError(f"tensor {name!r}: shape {shape} does not hold {numel} values")
         if codec.encoded_size(numel) != size:
             raise PayloadError(
@@ -230,6 +243,13 @@ def decode_payload(
         meta=meta,
         dtypes=dict(zip(names, dtypes, strict=True)),
     )
+
+
+def header_digest(header: dict[str, Any]) -> str:
+    """sha256 of the header's canonical JSON without its own digest."""
+    fields = {k: v for k, v in header.items() if k != "header_sha256"}
+    canonical = json.dumps(fields, separators=(",", ":"), sort_keys=True, allow_nan=True)
+    return hashlib.sha256(canonical.encode("utf-8")).hexdigest()
 
 
 def _list(header: dict[str, Any], key: str) -> list[Any]:

@@ -1,12 +1,17 @@
 """TLS and node authentication on a real deployment (127.0.0.1): keys from `fedtrain keys
-init`, a registered silo trains a signed one-round run; an unregistered key and a wrong CA are
-refused with a clear message; no private key reaches any log or the run store."""
+init`, a registered silo trains a signed one-round run; an unregistered key, a wrong CA and a
+silo without TLS are refused with a clear message; plain HTTP is not served; no private key
+reaches any log or the run store."""
 
 from __future__ import annotations
 
+import http.client
 import json
+import ssl
 import subprocess
 import sys
+import urllib.error
+import urllib.request
 from pathlib import Path
 
 import pytest
@@ -51,7 +56,9 @@ def tls_site(tmp_path_factory):
     wait_for(lambda: (root / "run" / "address").exists(), 60, "the coordinator to listen")
     address = (root / "run" / "address").read_text().strip()
 
-    def client(name: str, ca: Path, key_dir: Path) -> Proc:
+    def client(name: str, ca: Path | None, key_dir: Path) -> Proc:
+        """A silo0 client; ``ca=None``: insecure (no --tls-ca, so no --auth-key either)."""
+        tls = ["--tls-ca", str(ca), "--auth-key", str(key_dir / "auth_key")] if ca else []
         p = Proc(
             [
                 "client",
@@ -61,10 +68,7 @@ def tls_site(tmp_path_factory):
                 address,
                 "--work-dir",
                 str(root / name),
-                "--tls-ca",
-                str(ca),
-                "--auth-key",
-                str(key_dir / "auth_key"),
+                *tls,
                 "--signing-key",
                 str(key_dir / "sign_key"),
             ],
@@ -73,7 +77,7 @@ def tls_site(tmp_path_factory):
         procs.append(p)
         return p
 
-    yield {"root": root, "server": server, "client": client}
+    yield {"root": root, "server": server, "client": client, "address": address}
     for p in reversed(procs):
         p.stop()
     assert not pids_with(str(root)), "processes of the deployment were left running"
@@ -91,6 +95,19 @@ def test_silo_without_the_ca_cannot_connect(tls_site):
     p = tls_site["client"]("no-ca", root / "stranger" / "ca.crt", root / "keys/silos/silo0")
     assert p.p.wait(120) == 3
     assert "certificate is not signed by --tls-ca" in p.text()
+
+
+def test_tls_required_when_configured(tls_site):
+    root, address = tls_site["root"], tls_site["address"]
+    ctx = ssl.create_default_context(cafile=str(root / "keys" / "ca.crt"))
+    with urllib.request.urlopen(f"https://{address}/health", timeout=10, context=ctx) as r:
+        assert r.status == 200  # the port is up and serves HTTPS...
+    with pytest.raises((urllib.error.URLError, http.client.HTTPException, ConnectionError)):
+        urllib.request.urlopen(f"http://{address}/health", timeout=10)  # ...and nothing else
+    p = tls_site["client"]("insecure", None, root / "keys/silos/silo0")
+    assert p.p.wait(120) == 3
+    assert "the coordinator requires TLS (pass --tls-ca" in p.text()
+    assert "Traceback" not in p.text()
 
 
 def test_registered_silo_trains_signed_run(tls_site):

@@ -11,6 +11,7 @@ from __future__ import annotations
 import math
 import warnings
 from abc import ABC, abstractmethod
+from fractions import Fraction
 
 import numpy as np
 import torch
@@ -123,11 +124,12 @@ def unpack_bits(data: bytes | memoryview, numel: int) -> torch.Tensor:
 class BlockCodec(Codec):
     """A codec with one bf16 scale per block followed by packed values."""
 
+    # Integer arithmetic: exact for any count a header may claim (a float overflows past 1e308).
     def _n_blocks(self, numel: int) -> int:
-        return math.ceil(numel / self.block_size)
+        return -(-numel // self.block_size)
 
     def _value_bytes(self, numel: int) -> int:
-        return math.ceil(numel * self.bits_per_value / 8)
+        return math.ceil(numel * Fraction(self.bits_per_value) / 8)
 
     def encoded_size(self, numel: int) -> int:
         return 2 * self._n_blocks(numel) + self._value_bytes(numel)

@@ -44,7 +44,9 @@ class Fp4Codec(BlockCodec):
             up = torch.rand(v.shape, generator=self.generator) < (v - lo_v) / (hi_v - lo_v)
             idx = torch.where(up, hi, hi - 1).to(torch.uint8)
         else:
-            idx = _NEAREST_BY_QUARTER[v.mul_(4.0).to(torch.int32)]
+            # NaN (from a NaN/inf block) would index out of the table; its code is moot: the
+            # block's stored scale is then NaN/inf, so it decodes non-finite and is rejected.
+            idx = _NEAREST_BY_QUARTER[v.mul_(4.0).nan_to_num_(nan=0.0).to(torch.int32)]
         codes = idx.bitwise_or_((xs < 0).to(torch.uint8).bitwise_left_shift_(3))
         return self._scale_bytes(bits) + pack_nibbles(codes)
 
