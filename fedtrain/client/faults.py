@@ -152,7 +152,6 @@ def _retensor(
     payload: bytes, change: Any, key: Ed25519PrivateKey | None, *, sign: bool = True
 ) -> bytes:
     """Decode, change the tensors, re-encode with the same header fields (and signature)."""
-    header, _ = read_header(payload)
     p = decode_payload(payload)
     tensors = change({n: t.clone() for n, t in p.tensors.items()})
     return encode_payload(
@@ -165,7 +164,7 @@ def _retensor(
         meta=p.meta,
         block_size=p.block_size,
         fragment=p.fragment,
-        signing_key=key if sign and header.get("signed") else None,
+        signing_key=key if sign and p.signed else None,
     )
 
 
