@@ -541,4 +541,6 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from fedtrain.client.sharded import exit_rank
+
+    exit_rank(main())

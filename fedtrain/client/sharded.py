@@ -19,10 +19,14 @@ public method that needs the other ranks first announces itself (one small broad
 
 from __future__ import annotations
 
+import atexit
 import contextlib
+import logging
+import os
+import sys
 from collections.abc import Callable, Iterable
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import torch
 import torch.distributed as dist
@@ -285,3 +289,19 @@ class ShardedTrainer(SiloTrainer):
 
     def fresh_copy(self, stream: TokenStream | None = None, step: int | None = None) -> SiloTrainer:
         raise NotImplementedError("coded shard work is not available on a sharded trainer")
+
+
+def exit_rank(code: int) -> NoReturn:
+    """End a torchrun rank after its process group is destroyed, skipping C++ static teardown.
+
+    With gloo under CPU contention a rank sometimes aborts in interpreter finalization, after
+    every Python exit handler has run ("terminate called without an active exception", exit
+    -6), and torchrun then reports the whole job failed. Exit handlers, logging and stdio are
+    flushed first, so nothing a clean exit would write is lost.
+    """
+    atexit._run_exitfuncs()
+    logging.shutdown()
+    for stream in (sys.stdout, sys.stderr):
+        with contextlib.suppress(Exception):
+            stream.flush()
+    os._exit(code)

@@ -4,19 +4,25 @@ SiloTrainer on the same batches. Prints one JSON line of max differences from ra
 from __future__ import annotations
 
 import json
-import sys
 import tempfile
 
 import torch
 import torch.distributed as dist
 
-from fedtrain.client.sharded import ShardedTrainer
+from fedtrain.client.sharded import ShardedTrainer, exit_rank
 from fedtrain.client.trainer import SiloTrainer
 from fedtrain.config import config_from_dict
 from fedtrain.data.stream import TokenStream
 from fedtrain.models.llama import build_model
 from fedtrain.models.presets import PRESETS
 from tests.conftest import tiny_config_dict
+
+
+def _shutdown() -> None:
+    # Both ranks meet before tearing gloo down (as the daemon does), then exit past C++ static
+    # teardown, where a loaded machine sometimes aborted a rank after its work was done.
+    dist.barrier()
+    dist.destroy_process_group()
 
 
 def main() -> None:
@@ -28,7 +34,7 @@ def main() -> None:
     sh = ShardedTrainer("a", model(), TokenStream(tokens, 0, "a"), cfg, 100)
     if dist.get_rank() != 0:
         sh.follow()
-        dist.destroy_process_group()
+        _shutdown()
         return
 
     def diff(a: dict, b: dict) -> float:
@@ -67,8 +73,9 @@ def main() -> None:
     out["set_global"] = diff(sh.full_weights(), ref.params)
     sh.stop_followers()
     print(json.dumps(out), flush=True)
-    dist.destroy_process_group()
+    _shutdown()
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    main()
+    exit_rank(0)
