@@ -59,6 +59,7 @@ def ray_session(cpus_per_silo: int) -> Iterator[dict[str, Any]]:
     and delete everything it started."""
     # Ray's own default is /tmp/ray (RAY_TMPDIR), not $TMPDIR: its socket paths must stay short.
     temp_dir = tempfile.mkdtemp(prefix="fedtrain-ray-", dir=os.environ.get("RAY_TMPDIR", "/tmp"))
+    before = frozenset(_descendants())
     _subreaper(True)
     try:
         yield backend_config(cpus_per_silo, temp_dir)
@@ -69,7 +70,7 @@ def ray_session(cpus_per_silo: int) -> Iterator[dict[str, Any]]:
 
         if ray.is_initialized():
             ray.shutdown()
-        _stop_ray_processes(temp_dir, grace_s=1.0)
+        _stop_ray_processes(temp_dir, grace_s=1.0, before=before)
         _subreaper(False)
         stop_processes_using(temp_dir)  # anything not adopted (not below this process)
         shutil.rmtree(temp_dir, ignore_errors=True)
@@ -105,8 +106,8 @@ def _subreaper(on: bool) -> None:
         ctypes.CDLL(None).prctl(_PR_SET_CHILD_SUBREAPER, int(on), 0, 0, 0)
 
 
-def _ray_processes(temp_dir: str) -> set[int]:
-    """Live processes below this one that Ray started (actors, idle workers, its daemons)."""
+def _process_table() -> dict[int, tuple[int, str, str]]:
+    """pid -> (parent pid, state, command line) of every process this one can see."""
     procs: dict[int, tuple[int, str, str]] = {}
     for entry in Path("/proc").glob("[0-9]*"):
         try:
@@ -115,6 +116,12 @@ def _ray_processes(temp_dir: str) -> set[int]:
             procs[int(entry.name)] = (int(fields[1]), fields[0], cmd)
         except (OSError, IndexError, ValueError):
             continue
+    return procs
+
+
+def _descendants(procs: dict[int, tuple[int, str, str]] | None = None) -> set[int]:
+    """Processes below this one (children, theirs, and orphans it adopted)."""
+    procs = _process_table() if procs is None else procs
     me = os.getpid()
 
     def below_me(pid: int) -> bool:
@@ -126,11 +133,25 @@ def _ray_processes(temp_dir: str) -> set[int]:
                 return True
         return False
 
-    return {
-        pid
-        for pid, (_, state, cmd) in procs.items()
-        if state != "Z" and (cmd.startswith("ray::") or temp_dir in cmd) and below_me(pid)
-    }
+    return {pid for pid in procs if below_me(pid)}
+
+
+def _ray_processes(
+    temp_dir: str, before: frozenset[int] = frozenset()
+) -> tuple[set[int], set[int]]:
+    """Processes below this one that Ray started (actors, idle workers, its daemons): those
+    still running, and those already exited but not yet reaped (zombies: any below this process
+    that was not there ``before`` the session, since an exited process has no command line)."""
+    procs = _process_table()
+    alive, exited = set(), set()
+    for pid in _descendants(procs):
+        _, state, cmd = procs[pid]
+        if state == "Z":
+            if pid not in before:
+                exited.add(pid)
+        elif cmd.startswith("ray::") or temp_dir in cmd:
+            alive.add(pid)
+    return alive, exited
 
 
 def _reap(pids: set[int]) -> None:
@@ -145,14 +166,16 @@ def _reap(pids: set[int]) -> None:
             pids.discard(pid)
 
 
-def _stop_ray_processes(temp_dir: str, grace_s: float) -> None:
+def _stop_ray_processes(temp_dir: str, grace_s: float, before: frozenset[int]) -> None:
     """Wait up to ``grace_s`` for Ray's processes to exit, SIGKILL the rest, reap them."""
     deadline = time.monotonic() + grace_s
     killed = False
     seen: set[int] = set()
     while True:
-        alive = _ray_processes(temp_dir)
-        seen |= alive
+        # A worker that exited before this first look is a zombie already: reap it too, or it
+        # outlives this process (orphaned zombies wait for init, which may be slow to reap).
+        alive, exited = _ray_processes(temp_dir, before)
+        seen |= alive | exited
         _reap(seen)
         if not alive:
             break

@@ -136,7 +136,17 @@ def test_silos_ran_as_flower_clientapps_with_state_in_files(runs):
         assert [e["step"] for e in mine] == [10, 20]
     actors = {e["mailbox_pid"] for e in reports}
     assert 1 <= len(actors) <= (os.cpu_count() or 1)  # the pool: one actor per core
-    assert not [pid for pid in actors if Path(f"/proc/{pid}").exists()]  # gone with Ray
+    assert not [pid for pid in actors if _still_an_actor(pid)]  # gone with Ray
+
+
+def _still_an_actor(pid: int) -> bool:
+    """``pid`` runs a Ray worker still (not a zombie waiting for init, nor a reused pid)."""
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+        cmd = Path(f"/proc/{pid}/cmdline").read_bytes()
+    except (OSError, IndexError):
+        return False
+    return state != "Z" and cmd.startswith(b"ray::")
 
 
 @pytest.mark.slow

@@ -18,7 +18,10 @@ import pytest
 from safetensors.torch import load_file
 
 from fedtrain.config import config_from_dict
+from fedtrain.models.llama import build_model
+from fedtrain.models.presets import PRESETS
 from fedtrain.simulation.runner import simulate
+from fedtrain.storage.runstore import RunStore
 from tests.conftest import tiny_config_dict
 
 pytestmark = pytest.mark.slow
@@ -42,6 +45,7 @@ def _run(tmp: Path, name: str, slow: float = 1.0, silos: int = 4, **sections: An
         "rows": rows,
         "events": events,
         "weights": load_file(out / "model.safetensors"),
+        "dir": out,
     }
 
 
@@ -61,11 +65,31 @@ def runs(tmp_path_factory) -> dict[str, dict]:
     }
 
 
+def _aggregate(run: Path, rnd: int) -> dict:
+    store = RunStore(run)
+    return store.get_tensors(store.index.round_state(rnd)["aggregate_blob"])[0]
+
+
+def _relative_distance(a: dict, b: dict, start: dict) -> float:
+    """‖a − b‖ over how far ``b`` moved from ``start`` (L2 over every parameter)."""
+    num = sum(float((a[k] - b[k]).double().norm() ** 2) for k in a)
+    den = sum(float((b[k] - start[k]).double().norm() ** 2) for k in a)
+    return (num / den) ** 0.5
+
+
 def test_coded_round_with_a_4x_straggler_equals_the_no_straggler_update(runs):
     slow, even = runs["coded_slow"], runs["coded_even"]
-    assert _max_diff(slow["weights"], even["weights"]) < 1e-6
+    # Round 1 starts from the same weights in both runs: the update decoded without the
+    # straggler equals the one decoded with every silo, up to float summation order.
+    assert _max_diff(_aggregate(slow["dir"], 1), _aggregate(even["dir"], 1)) < 1e-6
+    # After that the two runs' silos start round 2 from anchors that differ in the last bits
+    # (different decode subsets round differently) and AdamW amplifies those bits (measured:
+    # 1.9e-9 to 1.2e-5 absolute on different CPUs), so the end weights are compared against how
+    # far they moved: float noise, not a different update (measured ~1e-5 relative).
+    start = {n: p.detach() for n, p in build_model(PRESETS["tiny"], 256, 0).named_parameters()}
+    assert _relative_distance(slow["weights"], even["weights"], start) < 1e-4
     # ... and the sum of every shard's own pseudo-gradient (each shard trained once, s=0).
-    assert _max_diff(slow["weights"], runs["shards_uncoded"]["weights"]) < 1e-4
+    assert _relative_distance(slow["weights"], runs["shards_uncoded"]["weights"], start) < 1e-3
     for row in slow["rows"]:
         assert row["decode_error"] < 1e-9
         assert row["tokens"] == row["round"] * 4 * 10 * 4 * 32  # every shard counted once
