@@ -21,13 +21,9 @@ a ``round r`` request for a round it already worked on (the coordinator restarte
 earlier commit) first rolls back to its snapshot from before round ``r``, so no round's work is
 applied twice.
 
-Fault injection (a test hook, :mod:`fedtrain.client.faults`): ``FEDTRAIN_FAULTS`` (comma-separated
-``KIND@SILO:ROUND[=VALUE]``) is read once at start; this silo's faults fire in ``round``
-requests as in simulation. ``kill`` SIGKILLs rank 0 before any work (torchrun then stops the
-other ranks and exits, and ``fedtrain client`` fails with the daemon); ``delay`` sleeps VALUE
-seconds before replying; the payload kinds replace the honest reply, signed with the silo's own
-key. Kinds a deployed silo cannot produce (``SIMULATION_ONLY``) are refused at start. Only
-rank 0 serves requests, so only rank 0 injects; unset, nothing changes.
+Fault injection (a test hook, :mod:`fedtrain.client.inject`): ``FEDTRAIN_FAULTS`` and
+``FEDTRAIN_FAULTS_SHARE`` are read once at start; this silo's faults fire in ``round`` requests
+as in simulation. Only rank 0 serves requests, so only rank 0 injects; unset, nothing changes.
 """
 
 from __future__ import annotations
@@ -38,7 +34,6 @@ import json
 import logging
 import os
 import shutil
-import signal
 import socket
 import sys
 import time
@@ -56,7 +51,6 @@ log = logging.getLogger("fedtrain.daemon")
 __all__ = ["main"]
 
 KEEP_SNAPSHOTS = 2
-FAULTS_ENV = "FEDTRAIN_FAULTS"
 
 
 class Refused(RuntimeError):
@@ -92,7 +86,7 @@ class Daemon:
         self.args = args
         self.silo: str = args.silo
         self.faults = faults
-        """This silo's injected faults (a FaultPlan; None: none, the normal case)."""
+        """This silo's fault hooks (a SiloFaults; None: none, the normal case)."""
         self.work_dir = Path(args.work_dir)
         self.signing_key: Any = None
         if args.signing_key:  # the launcher checked the file exists
@@ -283,13 +277,8 @@ class Daemon:
         from fedtrain.strategies.base import Work
 
         rnd = int(header["round"])
-        faults = self.faults.at(self.silo, rnd) if self.faults is not None else []
-        for f in faults:
-            if f.kind == "kill":
-                # Dies before any work, like the simulation's killed silo; torchrun then stops
-                # the other ranks and exits, and `fedtrain client` fails with its daemon.
-                log.warning("injected fault %s: SIGKILL to rank 0 (pid %d)", f, os.getpid())
-                os.kill(os.getpid(), signal.SIGKILL)
+        if self.faults is not None:
+            self.faults.before_work(rnd)
         if self.work_round >= rnd:
             self._rollback_before(rnd)
         downlink = self._apply(header, blobs)
@@ -321,25 +310,19 @@ class Daemon:
             heldout if heldout is not None else float("nan"),
             compute_s,
         )
-        payload = self._inject(rnd, faults, result.payload) if self.faults else result.payload
-        return reply, {"payload": payload}
-
-    def _inject(self, rnd: int, faults: list[Any], payload: bytes) -> bytes:
-        """What this silo sends instead of its honest ``payload`` (as the simulation's engine)."""
-        from fedtrain.client.faults import tamper
-
-        previous = self.faults.remember(self.silo, payload)
-        for f in faults:
-            if f.kind == "delay":
-                log.warning("injected fault %s: replying %gs late", f, f.value)
-                time.sleep(f.value)
-                continue
+        payload = result.payload
+        if self.faults is not None:
+            deadline = header.get("deadline_unix")
             try:
-                payload = tamper(f, payload, key=self.worker.signing_key, previous=previous)[0]
+                payload = self.faults.reply(
+                    rnd,
+                    payload,
+                    key=self.worker.signing_key,
+                    deadline_unix=None if deadline is None else float(deadline),
+                )
             except ValueError as e:
-                raise Refused(f"injected fault {f}: {e}") from None
-            log.warning("injected fault %s: round %d reply replaced", f, rnd)
-        return payload
+                raise Refused(f"injected fault in round {rnd}: {e}") from None
+        return reply, {"payload": payload}
 
     def _finish(
         self, header: dict[str, Any], blobs: dict[str, bytes]
@@ -443,35 +426,6 @@ def _follow(args: argparse.Namespace) -> None:
         trainer.follow()
 
 
-def faults_from_env(silo: str, environ: Any = os.environ) -> Any:
-    """This silo's faults from ``FEDTRAIN_FAULTS`` (a FaultPlan), or None when it names none.
-
-    ValueError naming the spec for a malformed one or a kind a deployed silo cannot inject;
-    every spec is checked, also those for other silos (one variable may serve several).
-    """
-    text = environ.get(FAULTS_ENV, "")
-    if not text.strip():
-        return None
-    from fedtrain.client.faults import SIMULATION_ONLY, FaultPlan, parse_fault
-
-    mine = []
-    for spec in (s.strip() for s in text.split(",")):
-        if not spec:
-            continue
-        try:
-            fault = parse_fault(spec)
-        except ValueError as e:
-            raise ValueError(f"{FAULTS_ENV}: {e}") from None
-        if fault.kind in SIMULATION_ONLY:
-            raise ValueError(
-                f"{FAULTS_ENV}: fault {spec!r}: {fault.kind} cannot be injected by a deployed "
-                f"silo (simulation only: {', '.join(SIMULATION_ONLY)})"
-            )
-        if fault.silo == silo:
-            mine.append(fault)
-    return FaultPlan(mine) if mine else None
-
-
 def _refuse_to_start(message: str) -> int:
     """Print ``message`` and return the exit code; under torchrun, also hand it to torchrun's
     error file, so its failure report (the end of the log the launcher shows) names it."""
@@ -505,14 +459,14 @@ def main(argv: list[str] | None = None) -> int:
         format=f"%(asctime)s daemon[{os.environ.get('RANK', '0')}] %(message)s",
         stream=sys.stderr,
     )
+    from fedtrain.client.inject import SiloFaults
+
     try:
-        faults = faults_from_env(args.silo)
+        faults = SiloFaults.from_env(args.silo)
     except ValueError as e:  # before the process group: every rank exits with the one line
         return _refuse_to_start(str(e))
     if faults is not None and os.environ.get("RANK", "0") == "0":
-        log.warning(
-            "fault injection on for silo %s: %s", args.silo, ", ".join(map(str, faults.faults))
-        )
+        log.warning("%s", faults.describe())
     # NCCL with one GPU per local rank where there are GPUs, gloo on CPU.
     if torch.cuda.is_available():
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))

@@ -9,8 +9,8 @@ hook, like ``FEDTRAIN_KILL_AT`` for the coordinator's store.
 Kinds, by what the coordinator sees:
 
 - lost replies: ``kill`` (the silo dies: in simulation its reply fails at once; deployed, the
-  trainer process is SIGKILLed), ``drop`` (the reply never arrives; simulation only — deployed
-  tests cut the connection through a proxy instead), ``delay`` (VALUE seconds later).
+  trainer process is SIGKILLed), ``drop`` (the reply never arrives in its round; deployed, it
+  is held past the round's deadline), ``delay`` (VALUE seconds later).
 - malformed bytes: ``corrupt`` (one body byte flipped), ``truncate`` (half the bytes),
   ``oversize`` (a well-formed payload with VALUE extra float32 values, default 2^22),
   ``bad_signature`` (last signature byte flipped), ``unsigned`` (re-encoded without signature).
@@ -18,8 +18,8 @@ Kinds, by what the coordinator sees:
   ``wrong_dtype`` (float64 values), ``wrong_keys`` (one parameter renamed), ``replay`` (its
   previous round's payload), ``duplicate`` (the same reply sent twice; simulation only: Flower
   carries exactly one reply per message), ``impersonate`` (another silo's signed payload from
-  this round; simulation only), and the Byzantine ``scale`` (update times VALUE, default -10)
-  and ``flip`` (update times -1).
+  this round; deployed, through a directory the silos share, :mod:`fedtrain.client.inject`),
+  and the Byzantine ``scale`` (update times VALUE, default -10) and ``flip`` (update times -1).
 """
 
 from __future__ import annotations
@@ -57,9 +57,6 @@ FAULT_KINDS = (
     "flip",
 )
 _DEFAULT_VALUE = {"delay": 5.0, "oversize": float(1 << 22), "scale": -10.0}
-SIMULATION_ONLY = ("drop", "impersonate", "duplicate")
-"""Kinds a deployed silo cannot inject itself: no other silo's payload (impersonate), drops need
-a proxy (drop), and Flower carries exactly one reply per message (duplicate)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -210,7 +207,7 @@ def tamper(
         return [previous] if previous is not None else [payload]
     if kind == "impersonate":
         if other is None:
-            raise ValueError("impersonate needs another silo's payload (simulation only)")
+            raise ValueError("impersonate needs another silo's payload of the round")
         return [other]
     change: Any
     if kind in ("nan", "inf"):

@@ -213,6 +213,8 @@ class FlowerEngine:
         if downlink is not None:
             self.version += 1
         targets = list(work) if work is not None else list(self.silos)
+        # Wall-clock end of the round, for a silo's fault hooks (drop holds its reply past it).
+        deadline_unix = round(time.time() + deadline_s, 3)
         full: bytes | None = None
         msgs, missing = {}, []
         for silo in targets:
@@ -225,6 +227,7 @@ class FlowerEngine:
                 "round": rnd,
                 "base_version": base,
                 "version": self.version,
+                "deadline_unix": deadline_unix,
             }
             if work is not None:
                 w = work[silo]

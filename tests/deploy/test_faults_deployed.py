@@ -1,12 +1,15 @@
 """Faults in a real deployment on 127.0.0.1: `fedtrain server` and two `fedtrain client` silos.
 
-silo0 falsifies its own replies (``FEDTRAIN_FAULTS="nan@silo0:2,corrupt@silo0:3"``: a NaN
-update, validly made, then one flipped body byte); silo1 reaches the coordinator through a
-loopback TCP proxy the test cuts once round 3 has committed and restores once round 4 has.
-Round 4 therefore goes on with silo0 alone, and silo1's SuperNode, retrying (Flower's HTTP
-fleet client retries connection errors without limit, backing off to 20 s), comes back by
-itself. The faulty rounds (2, 3) lie before the cut on purpose: with silo1 cut too they would
-have no valid update and fail, and this test wants every round committed exactly once.
+silo0 misbehaves through ``FEDTRAIN_FAULTS`` (:data:`FAULTS`): it drops its round-1 reply (held
+past the round's deadline), sends a NaN update, validly made, in round 2, silo1's payload as its
+own in round 3 (the silos share a directory, ``FEDTRAIN_FAULTS_SHARE``, as colluding silos
+would), and one flipped body byte in round 7 — its third strike, so it is quarantined and gets
+no work in round 8. silo1 reaches the coordinator through a loopback TCP proxy the test cuts
+once round 3 has committed and restores once round 4 has. Round 4 therefore goes on with silo0
+alone, and silo1's SuperNode, retrying (Flower's HTTP fleet client retries connection errors
+without limit, backing off to 20 s), comes back by itself. silo0's faulty rounds lie where
+silo1 is connected on purpose: with both out a round has no valid update and fails, and this
+test wants every round committed exactly once.
 """
 
 from __future__ import annotations
@@ -28,8 +31,8 @@ from tests.deploy.tcpproxy import TcpProxy
 
 pytestmark = pytest.mark.slow
 
-ROUNDS = 6
-FAULTS = "nan@silo0:2,corrupt@silo0:3"
+ROUNDS = 8
+FAULTS = "drop@silo0:1,nan@silo0:2,impersonate@silo0:3,corrupt@silo0:7"
 CUT_AFTER = 3
 """silo1's link is cut once this round commits, and restored once the next one has."""
 
@@ -63,8 +66,9 @@ def deployment(tmp_path_factory) -> Any:
         started.append(server)
         wait_for(lambda: (run / "address").exists(), 60, "the coordinator to listen")
         t0 = time.monotonic()
-        client("silo0", port, env={"FEDTRAIN_FAULTS": FAULTS})
-        client("silo1", proxy.port)
+        share = {"FEDTRAIN_FAULTS_SHARE": str(root / "share")}
+        client("silo0", port, env={"FEDTRAIN_FAULTS": FAULTS, **share})
+        client("silo1", proxy.port, env=share)
         wait_for(lambda: _committed(run, CUT_AFTER), 180, f"round {CUT_AFTER} to commit")
         proxy.cut()
         cut_at = time.monotonic()
@@ -101,22 +105,44 @@ def test_every_round_commits_once(deployment):
 def test_falsified_replies_are_rejected_with_the_reason(deployment):
     run = deployment["run"]
     rejected = {(e["round"], e["silo"]): e["reason"] for e in events(run, "rejected")}
-    assert set(rejected) == {(2, "silo0"), (3, "silo0")}, rejected
+    assert set(rejected) == {(2, "silo0"), (3, "silo0"), (7, "silo0")}, rejected
     assert "NaN" in rejected[2, "silo0"]
-    assert "checksum" in rejected[3, "silo0"] or "signature" in rejected[3, "silo0"]
+    assert "payload was sent by 'silo1', expected 'silo0'" in rejected[3, "silo0"]
+    assert "checksum" in rejected[7, "silo0"] or "signature" in rejected[7, "silo0"]
     rows = {m["round"]: m for m in metrics(run)}
-    assert rows[2]["silos"] == rows[3]["silos"] == 1  # silo1's update alone counted
-    assert rows[2]["rejected"] >= 1 and rows[3]["rejected"] >= 1
-    s = json.loads((run / "summary.json").read_text())
-    assert s["rejected"] >= 2 and s["strikes"] == {"silo0": 2}
-    assert not s["quarantined"]  # 2 strikes < reliability.quarantine_after = 3
+    for rnd in (2, 3, 7):
+        assert rows[rnd]["silos"] == 1 and rows[rnd]["rejected"] == 1  # silo1's update alone
     # the faults came from the environment through the launcher and torchrun to the daemon
     daemon_log = (deployment["root"] / "silo0" / "logs" / "daemon.log").read_text()
-    assert "injected fault nan@silo0:2" in daemon_log
-    assert "injected fault corrupt@silo0:3" in daemon_log
+    for fault in FAULTS.split(",")[1:]:
+        assert f"injected fault {fault}: round {fault[-1]} reply replaced" in daemon_log
     assert (
         "injected fault" not in (deployment["root"] / "silo1" / "logs" / "daemon.log").read_text()
     )
+
+
+def test_dropped_reply_never_counts_in_its_round(deployment):
+    run = deployment["run"]
+    daemon_log = (deployment["root"] / "silo0" / "logs" / "daemon.log").read_text()
+    assert "injected fault drop@silo0:1: holding the reply" in daemon_log
+    late = {(e["round"], e["silo"]): e for e in events(run, "straggler")}
+    assert late[1, "silo0"]["timeout_s"] == 20.0  # the round waited out its deadline for it
+    assert metrics(run)[0]["silos"] == 1
+    assert (1, "silo0") not in {(e["round"], e["silo"]) for e in events(run, "silo_report")}
+    # ... and silo0 was back in round 2 (its NaN reached the validator), with full weights
+    assert {(e["round"], e["silo"]) for e in events(run, "resync")} >= {(2, "silo0")}
+
+
+def test_third_strike_quarantines_the_silo(deployment):
+    run = deployment["run"]
+    quarantined = [(e["round"], e["silo"], e["strikes"]) for e in events(run, "quarantined")]
+    assert quarantined == [(7, "silo0", 3)]
+    s = json.loads((run / "summary.json").read_text())
+    assert s["strikes"] == {"silo0": 3} and s["quarantined"] == {"silo0": 7}
+    last = metrics(run)[-1]
+    assert last["round"] == ROUNDS and last["silos"] == 1  # no work for silo0 any more
+    reports = {(e["round"], e["silo"]) for e in events(run, "silo_report")}
+    assert (ROUNDS, "silo1") in reports and (ROUNDS, "silo0") not in reports
 
 
 def test_cut_silo_is_left_out_then_comes_back(deployment):
