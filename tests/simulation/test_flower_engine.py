@@ -24,6 +24,7 @@ from safetensors.torch import load_file
 
 from fedtrain.config import load_config
 from fedtrain.server.children import pids_matching
+from fedtrain.simulation.ray_runtime import _process_table
 from fedtrain.simulation.runner import simulate
 from tests.conftest import tiny_config_dict
 
@@ -136,17 +137,13 @@ def test_silos_ran_as_flower_clientapps_with_state_in_files(runs):
         assert [e["step"] for e in mine] == [10, 20]
     actors = {e["mailbox_pid"] for e in reports}
     assert 1 <= len(actors) <= (os.cpu_count() or 1)  # the pool: one actor per core
-    assert not [pid for pid in actors if _still_an_actor(pid)]  # gone with Ray
-
-
-def _still_an_actor(pid: int) -> bool:
-    """``pid`` runs a Ray worker still (not a zombie waiting for init, nor a reused pid)."""
-    try:
-        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-        cmd = Path(f"/proc/{pid}/cmdline").read_bytes()
-    except (OSError, IndexError):
-        return False
-    return state != "Z" and cmd.startswith(b"ray::")
+    # gone with Ray: no live ray:: process under those pids (a zombie waiting for init, or a
+    # pid the system reused since, is not an actor)
+    procs = _process_table()
+    still = [
+        p for p in actors if p in procs and procs[p][1] != "Z" and procs[p][2].startswith("ray::")
+    ]
+    assert not still
 
 
 @pytest.mark.slow
