@@ -24,7 +24,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from fedtrain.server.children import free_port, peak_rss_bytes, pids_matching  # noqa: E402
+from fedtrain.runtime.children import free_port, peak_rss_bytes, pids_matching  # noqa: E402
 from tests.deploy.helpers import Proc, events, metrics, wait_for  # noqa: E402
 
 CONFIG = """

@@ -27,9 +27,9 @@ from pathlib import Path
 
 import torch
 
-from fedtrain.server.aggregate import StreamingMean
-from fedtrain.server.hierarchy import Aggregation, FixedPointMean, TreeMean
-from fedtrain.server.tree import parse_tree
+from fedtrain.aggregation.mean import StreamingMean
+from fedtrain.aggregation.shape import parse_tree
+from fedtrain.aggregation.tree import Aggregation, FixedPointMean, TreeMean
 
 TENSORS = 8
 """Each update is split into this many tensors (a model has many)."""

@@ -702,7 +702,7 @@ class Config:
 
     def _check_tree(self) -> None:
         r, st = self.round, self.strategy
-        from fedtrain.server.tree import parse_tree
+        from fedtrain.aggregation.shape import parse_tree
 
         try:
             tree = parse_tree(r.tree, self.data.silos)

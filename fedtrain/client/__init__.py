@@ -8,14 +8,11 @@ from __future__ import annotations
 
 from fedtrain._lazy import lazy
 
-__all__ = ["SiloTrainer", "StepStats", "evaluate_loss", "lr_at", "make_adamw"]
+__all__ = ["SiloTrainer", "StepStats"]
 
 _WHERE = {
     "SiloTrainer": "fedtrain.client.trainer",
     "StepStats": "fedtrain.client.trainer",
-    "evaluate_loss": "fedtrain.client.trainer",
-    "lr_at": "fedtrain.client.optim",
-    "make_adamw": "fedtrain.client.optim",
 }
 
 

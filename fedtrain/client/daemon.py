@@ -2,12 +2,12 @@
 
 It owns, for the whole run, the FSDP-sharded model, the inner AdamW state, the data position
 and the error-feedback residual, and answers the mailbox ClientApp on a Unix socket
-(:mod:`fedtrain.client.localapi`). Rank 0 serves the socket and drives; the other ranks follow
+(:mod:`fedtrain.protocol.localapi`). Rank 0 serves the socket and drives; the other ranks follow
 (:class:`~fedtrain.client.sharded.ShardedTrainer`).
 
 Requests (``header["op"]``):
 - ``hello``: the run manifest plus the tokenizer file. The daemon checks it
-  (:func:`~fedtrain.server.manifest.check_manifest`) and refuses with the mismatch, or builds —
+  (:func:`~fedtrain.protocol.manifest.check_manifest`) and refuses with the mismatch, or builds —
   or restores from its work dir — the run's trainer.
 - ``round``: round number, work, and either the last outer update (``downlink``, valid on top
   of global version ``base_version``) or full global ``weights``. Replies with the encoded
@@ -44,7 +44,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from fedtrain.server.children import peak_rss_bytes
+from fedtrain.runtime.children import peak_rss_bytes
 
 log = logging.getLogger("fedtrain.daemon")
 
@@ -238,7 +238,7 @@ class Daemon:
     def _hello(
         self, header: dict[str, Any], blobs: dict[str, bytes]
     ) -> tuple[dict[str, Any], dict[str, bytes]]:
-        from fedtrain.server.manifest import check_manifest
+        from fedtrain.protocol.manifest import check_manifest
 
         manifest = header["manifest"]
         problems = check_manifest(manifest, blobs.get("tokenizer", b""))
@@ -337,7 +337,7 @@ class Daemon:
 
     # ----------------------------------------------------------------- server
     def serve(self) -> None:
-        from fedtrain.client.localapi import LocalAPIError, read_frame, write_frame
+        from fedtrain.protocol.localapi import LocalAPIError, read_frame, write_frame
 
         path = self.args.socket
         if os.path.exists(path):

@@ -21,7 +21,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from fedtrain.server.children import (
+from fedtrain.runtime.children import (
     Children,
     Stop,
     free_port,

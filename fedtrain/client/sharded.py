@@ -38,9 +38,10 @@ from torch.distributed.checkpoint.state_dict import (
 from torch.distributed.fsdp import fully_shard
 from torch.distributed.tensor import DTensor
 
-from fedtrain.client.trainer import SiloTrainer, StepStats, evaluate_loss
+from fedtrain.client.trainer import SiloTrainer, StepStats
 from fedtrain.config import TrainSection
 from fedtrain.data.stream import TokenStream
+from fedtrain.models.evaluate import evaluate_loss
 from fedtrain.models.llama import Llama
 from fedtrain.strategies.base import optimizer_from_tensors, optimizer_to_tensors
 
@@ -93,7 +94,7 @@ class ShardedTrainer(SiloTrainer):
         fully_shard(model)
         self.model = model
         self.params = dict(model.named_parameters())
-        from fedtrain.client.optim import make_adamw
+        from fedtrain.optim import make_adamw
 
         self.optimizer = make_adamw(list(self.params.items()), cfg)
         self.step = 0

@@ -21,10 +21,11 @@ from typing import Any
 
 import torch
 
-from fedtrain.client.optim import lr_at, make_adamw
 from fedtrain.config import TrainSection
 from fedtrain.data.stream import TokenStream
+from fedtrain.models.evaluate import evaluate_loss
 from fedtrain.models.llama import Llama
+from fedtrain.optim import lr_at, make_adamw
 from fedtrain.strategies.base import optimizer_from_tensors, optimizer_to_tensors
 
 __all__ = ["SiloTrainer", "StepStats"]
@@ -183,22 +184,3 @@ class SiloTrainer:
         clone.set_global(self.anchor)
         clone.step = self.step if step is None else step
         return clone
-
-
-@torch.no_grad()
-def evaluate_loss(
-    model: Llama, windows: torch.Tensor, batch_size: int, bf16: bool = False
-) -> float:
-    """Mean next-token cross-entropy of ``model`` on ``(N, T+1)`` token windows."""
-    was_training = model.training
-    model.eval()
-    total, count = 0.0, 0
-    ctx = torch.autocast("cpu", dtype=torch.bfloat16) if bf16 else contextlib.nullcontext()
-    for i in range(0, windows.shape[0], batch_size):
-        chunk = windows[i : i + batch_size]
-        with ctx:
-            loss = model.loss(chunk[:, :-1], chunk[:, 1:])
-        total += float(loss) * chunk.shape[0]
-        count += chunk.shape[0]
-    model.train(was_training)
-    return total / count

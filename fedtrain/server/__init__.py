@@ -1,4 +1,4 @@
-"""Coordinator: the engine-independent round loop, aggregation, close conditions, validation,
+"""Coordinator: the engine-independent round loop, close conditions, validation,
 and the Flower deployment (ServerApp, SuperLink launcher, fleet-only proxy).
 
 Names are imported lazily: torch-free parts (process helpers used by the mailbox ClientApp)
@@ -10,33 +10,19 @@ from __future__ import annotations
 from fedtrain._lazy import lazy
 
 __all__ = [
-    "Aggregation",
     "AllReplied",
     "CloseCondition",
     "Coordinator",
     "Engine",
-    "FixedPointMean",
     "Quorum",
     "Reply",
     "RunTotals",
-    "StreamingMean",
-    "Tree",
-    "TreeError",
-    "TreeMean",
     "UpdateRejected",
     "close_condition",
-    "parse_tree",
     "validate_update",
 ]
 
 _WHERE = {
-    "StreamingMean": "fedtrain.server.aggregate",
-    "Aggregation": "fedtrain.server.hierarchy",
-    "FixedPointMean": "fedtrain.server.hierarchy",
-    "TreeError": "fedtrain.server.hierarchy",
-    "TreeMean": "fedtrain.server.hierarchy",
-    "Tree": "fedtrain.server.tree",
-    "parse_tree": "fedtrain.server.tree",
     "AllReplied": "fedtrain.server.closing",
     "CloseCondition": "fedtrain.server.closing",
     "Quorum": "fedtrain.server.closing",

@@ -21,9 +21,9 @@ from typing import Any
 
 import torch
 
-from fedtrain.client.trainer import evaluate_loss
 from fedtrain.config import Config
 from fedtrain.data.stream import derive_seed
+from fedtrain.models.evaluate import evaluate_loss
 from fedtrain.models.llama import Llama
 from fedtrain.server.closing import close_condition
 from fedtrain.server.engine import Engine

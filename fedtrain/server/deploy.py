@@ -26,9 +26,9 @@ from typing import TYPE_CHECKING, Any
 from flwr.app import Message
 from flwr.serverapp import Grid
 
+from fedtrain.protocol.records import from_content, to_content
 from fedtrain.server.engine import Reply
 from fedtrain.strategies.base import Work
-from fedtrain.transport.records import from_content, to_content
 
 if TYPE_CHECKING:
     import torch
@@ -362,7 +362,7 @@ def engine_factory(
     ``run_dir``, tokenizer and coordinator model)."""
 
     def make_engine(data: Any, model: torch.nn.Module, run_id: str) -> FlowerEngine:
-        from fedtrain.server.manifest import build_manifest
+        from fedtrain.protocol.manifest import build_manifest
         from fedtrain.transport.payload import encode_payload
 
         tokenizer = data.tokenizer_path.read_bytes()
@@ -473,7 +473,7 @@ def serve(
         engine.connect(join_timeout_s)
         sim.coordinator.on_round = _print_round
         summary = sim.execute()
-        from fedtrain.server.children import peak_rss_bytes
+        from fedtrain.runtime.children import peak_rss_bytes
 
         summary["deployment"] = {
             "resync_bytes": engine.resync_bytes,

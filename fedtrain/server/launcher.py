@@ -28,7 +28,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from fedtrain.server.children import (
+from fedtrain.runtime.children import (
     Children,
     Stop,
     free_port,

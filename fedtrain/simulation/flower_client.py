@@ -18,8 +18,8 @@ from typing import Any
 from flwr.app import Context, Message
 from flwr.clientapp import ClientApp
 
-from fedtrain.server.children import peak_rss_bytes
-from fedtrain.transport.records import from_content, to_content
+from fedtrain.protocol.records import from_content, to_content
+from fedtrain.runtime.children import peak_rss_bytes
 
 __all__ = ["make_client_app", "serve_message"]
 

@@ -66,7 +66,7 @@ def ray_session(cpus_per_silo: int) -> Iterator[dict[str, Any]]:
     finally:
         import ray
 
-        from fedtrain.server.children import stop_processes_using
+        from fedtrain.runtime.children import stop_processes_using
 
         if ray.is_initialized():
             ray.shutdown()

@@ -257,9 +257,9 @@ def make_evaluator(run_dir: Any) -> Callable[[dict[str, torch.Tensor]], float]:
     """Eval loss of given global weights on the run's held-out split (its config + tokenizer)."""
     from pathlib import Path
 
-    from fedtrain.client.trainer import evaluate_loss
     from fedtrain.config import load_config
     from fedtrain.data.prepare import prepare_data
+    from fedtrain.models.evaluate import evaluate_loss
     from fedtrain.models.llama import build_model
     from fedtrain.models.presets import PRESETS
 

@@ -6,8 +6,8 @@ from typing import Any
 
 import torch
 
+from fedtrain.aggregation.tree import aggregation_from_config
 from fedtrain.config import Config, StrategySection
-from fedtrain.server.hierarchy import aggregation_from_config
 from fedtrain.strategies.base import OuterOptimizerStrategy, Strategy, Work
 from fedtrain.strategies.ddp import DataParallel
 from fedtrain.strategies.diloco import DiLoCo
@@ -62,7 +62,7 @@ def build_strategy(
     # Tree / int64 aggregation (config load refuses it for the strategies above and below).
     aggregation: Any
     if s.aggregator != "mean":  # config load refuses robust aggregators with trees / int64
-        from fedtrain.server.robust import RobustAggregation
+        from fedtrain.aggregation.robust import RobustAggregation
 
         aggregation = RobustAggregation(s.aggregator, s.trim_fraction, s.clip_norm)
     else:

@@ -61,15 +61,15 @@ class Strategy(ABC):
     every party applies them itself (see :meth:`broadcast`)."""
 
     aggregation: AggregationPlugin | None = None
-    """Tree or int64 aggregation (fedtrain.server.hierarchy) or a robust aggregator
-    (fedtrain.server.robust); None: the flat fp32 streaming mean."""
+    """Tree or int64 aggregation (fedtrain.aggregation.tree) or a robust aggregator
+    (fedtrain.aggregation.robust); None: the flat fp32 streaming mean."""
 
     def new_aggregator(self) -> Any:
         """How replies are combined; default: the configured aggregation, else the streaming
         weighted mean."""
         if self.aggregation is not None:
             return self.aggregation.new_aggregator()
-        from fedtrain.server.aggregate import StreamingMean
+        from fedtrain.aggregation.mean import StreamingMean
 
         return StreamingMean()
 

@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from fedtrain.server.aggregate import Aggregator
+from fedtrain.aggregation.mean import Aggregator
 from fedtrain.strategies.base import Work
 from fedtrain.strategies.diloco import DiLoCo
 from fedtrain.strategies.gradient_coding import Decoding, choose_construction, decode

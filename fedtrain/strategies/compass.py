@@ -27,7 +27,7 @@ from typing import Any
 
 import torch
 
-from fedtrain.server.aggregate import StreamingMean
+from fedtrain.aggregation.mean import StreamingMean
 from fedtrain.strategies.base import Work
 from fedtrain.strategies.diloco import DiLoCo
 

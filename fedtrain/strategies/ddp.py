@@ -11,8 +11,8 @@ from typing import Any
 
 import torch
 
-from fedtrain.client.optim import lr_at, make_adamw
 from fedtrain.config import TrainSection
+from fedtrain.optim import lr_at, make_adamw
 from fedtrain.strategies.base import OuterOptimizerStrategy, Work
 
 __all__ = ["DataParallel"]

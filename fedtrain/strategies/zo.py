@@ -19,7 +19,7 @@ from typing import Any
 
 import torch
 
-from fedtrain.server.aggregate import Aggregator
+from fedtrain.aggregation.mean import Aggregator
 from fedtrain.strategies.base import Strategy, Work
 
 __all__ = [

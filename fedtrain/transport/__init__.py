@@ -1,7 +1,7 @@
-"""Codecs, error feedback, framed (optionally signed) payloads, and their Flower records.
+"""Codecs, error feedback and framed (optionally signed) payloads.
 
-Names are imported lazily so that :mod:`fedtrain.transport.records` (used by the mailbox
-ClientApp, which starts once per message) does not import torch.
+Names are imported lazily so that light importers (the mailbox ClientApp, which starts once
+per message) do not import torch.
 """
 
 from __future__ import annotations

@@ -54,7 +54,7 @@ def test_inner_state_persists_and_pseudo_gradient_is_anchor_minus_local():
 
 
 def test_warmup_then_cosine_schedule():
-    from fedtrain.client.optim import lr_at
+    from fedtrain.optim import lr_at
 
     cfg = TrainSection(lr=1e-3, warmup_steps=4, min_lr_ratio=0.1)
     assert lr_at(0, cfg, 20) == 1e-3 / 4

@@ -23,8 +23,8 @@ from pathlib import Path
 import pytest
 from safetensors.torch import load_file
 
-from fedtrain.server.children import free_port
-from fedtrain.server.children import pids_matching as pids_with
+from fedtrain.runtime.children import free_port
+from fedtrain.runtime.children import pids_matching as pids_with
 from tests.deploy.helpers import Proc, events, metrics, tiny_config, wait_for
 
 pytestmark = pytest.mark.slow

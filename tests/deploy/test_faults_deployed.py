@@ -24,8 +24,8 @@ from typing import Any
 
 import pytest
 
-from fedtrain.server.children import free_port
-from fedtrain.server.children import pids_matching as pids_with
+from fedtrain.runtime.children import free_port
+from fedtrain.runtime.children import pids_matching as pids_with
 from tests.deploy.helpers import Proc, events, metrics, tiny_config, wait_for
 from tests.deploy.tcpproxy import TcpProxy
 

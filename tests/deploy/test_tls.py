@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from fedtrain.server.children import pids_matching as pids_with
+from fedtrain.runtime.children import pids_matching as pids_with
 from tests.deploy.helpers import Proc, tiny_config, wait_for
 
 pytestmark = pytest.mark.slow

@@ -23,7 +23,7 @@ import tomli_w
 from safetensors.torch import load_file
 
 from fedtrain.config import load_config
-from fedtrain.server.children import pids_matching
+from fedtrain.runtime.children import pids_matching
 from fedtrain.simulation.ray_runtime import _process_table
 from fedtrain.simulation.runner import simulate
 from tests.conftest import tiny_config_dict

@@ -2,8 +2,8 @@ import copy
 
 import torch
 
+from fedtrain.aggregation.mean import StreamingMean
 from fedtrain.config import TrainSection
-from fedtrain.server.aggregate import StreamingMean
 from fedtrain.storage.runstore import RunStore
 from fedtrain.strategies import DataParallel, DiLoCo
 

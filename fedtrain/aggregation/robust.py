@@ -13,7 +13,7 @@ from typing import Any
 
 import torch
 
-from fedtrain.server.aggregate import Aggregator, StreamingMean, check_weight
+from fedtrain.aggregation.mean import Aggregator, StreamingMean, check_weight
 
 __all__ = ["ClippedMean", "CoordinateMedian", "RobustAggregation", "TrimmedMean"]
 

@@ -28,15 +28,15 @@ from typing import Any
 import numpy as np
 import torch
 
-from fedtrain.server.aggregate import Aggregator, StreamingMean, check_weight
-from fedtrain.server.leaf import (
+from fedtrain.aggregation.leaf import (
     ACCUMULATE,
     fixed_point_add,
     fixed_point_limit,
     fixed_point_weight,
     serve,
 )
-from fedtrain.server.tree import Tree, parse_tree
+from fedtrain.aggregation.mean import Aggregator, StreamingMean, check_weight
+from fedtrain.aggregation.shape import Tree, parse_tree
 
 __all__ = [
     "Aggregation",
@@ -149,7 +149,7 @@ def _shutdown(
 
 
 class TreeProcesses:
-    """The aggregator processes of one :class:`~fedtrain.server.tree.Tree` and their shared
+    """The aggregator processes of one :class:`~fedtrain.aggregation.shape.Tree` and their shared
     memory: a block per leaf slot (fp32 update) and one per node (its partial sum)."""
 
     def __init__(
@@ -199,7 +199,7 @@ class TreeProcesses:
         # forkserver: children fork from a clean single-threaded server that imported torch
         # once, instead of forking a multi-threaded coordinator or importing torch per child.
         ctx = multiprocessing.get_context("forkserver")
-        ctx.set_forkserver_preload(["__main__", "fedtrain.server.leaf"])
+        ctx.set_forkserver_preload(["__main__", "fedtrain.aggregation.leaf"])
         self._finalizer = weakref.finalize(
             self, _shutdown, self._procs, self._blocks, self._views, 10.0
         )

@@ -10,7 +10,7 @@ import tomli_w
 
 import fedtrain
 from fedtrain.config import config_from_dict, config_to_dict
-from fedtrain.server.manifest import build_manifest, check_manifest
+from fedtrain.protocol.manifest import build_manifest, check_manifest
 from tests.conftest import tiny_config_dict
 
 TOKENIZER = b'{"kind": "byte"}'

@@ -8,7 +8,7 @@ import threading
 
 import pytest
 
-from fedtrain.client.localapi import LocalAPIError, read_frame, request, write_frame
+from fedtrain.protocol.localapi import LocalAPIError, read_frame, request, write_frame
 
 
 def test_frame_round_trip_with_large_blob():

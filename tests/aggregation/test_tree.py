@@ -17,10 +17,10 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from fedtrain.aggregation.mean import StreamingMean
+from fedtrain.aggregation.shape import MAX_NODES, fanout_spec, parse_tree
+from fedtrain.aggregation.tree import Aggregation, FixedPointMean, TreeError, TreeMean
 from fedtrain.config import ConfigError, config_from_dict
-from fedtrain.server.aggregate import StreamingMean
-from fedtrain.server.hierarchy import Aggregation, FixedPointMean, TreeError, TreeMean
-from fedtrain.server.tree import MAX_NODES, fanout_spec, parse_tree
 from fedtrain.simulation.runner import build_simulation
 from tests.conftest import tiny_config_dict
 

@@ -5,9 +5,14 @@ from __future__ import annotations
 import pytest
 import torch
 
+from fedtrain.aggregation.mean import StreamingMean
+from fedtrain.aggregation.robust import (
+    ClippedMean,
+    CoordinateMedian,
+    RobustAggregation,
+    TrimmedMean,
+)
 from fedtrain.config import ConfigError, config_from_dict
-from fedtrain.server.aggregate import StreamingMean
-from fedtrain.server.robust import ClippedMean, CoordinateMedian, RobustAggregation, TrimmedMean
 from fedtrain.simulation.runner import simulate
 from tests.conftest import tiny_config_dict
 

@@ -1,0 +1,27 @@
+"""Process helpers shared by the coordinator and the silo: child processes started and stopped
+by PID, signal handling, peak-memory reports, free ports.
+
+Torch-free: the mailbox ClientApp and the launchers import it.
+"""
+
+from fedtrain.runtime.children import (
+    Children,
+    Stop,
+    free_port,
+    install_stop_handlers,
+    peak_rss_bytes,
+    pids_matching,
+    stop_processes_using,
+    tail,
+)
+
+__all__ = [
+    "Children",
+    "Stop",
+    "free_port",
+    "install_stop_handlers",
+    "peak_rss_bytes",
+    "pids_matching",
+    "stop_processes_using",
+    "tail",
+]
