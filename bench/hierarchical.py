@@ -27,9 +27,10 @@ from pathlib import Path
 
 import torch
 
+from fedtrain.aggregation.fixed import FixedPointMean
 from fedtrain.aggregation.mean import StreamingMean
 from fedtrain.aggregation.shape import parse_tree
-from fedtrain.aggregation.tree import Aggregation, FixedPointMean, TreeMean
+from fedtrain.aggregation.tree import Aggregation, TreeMean
 
 TENSORS = 8
 """Each update is split into this many tensors (a model has many)."""

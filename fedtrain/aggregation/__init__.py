@@ -28,8 +28,8 @@ _WHERE = {
     "Tree": "fedtrain.aggregation.shape",
     "parse_tree": "fedtrain.aggregation.shape",
     "Aggregation": "fedtrain.aggregation.tree",
-    "FixedPointMean": "fedtrain.aggregation.tree",
-    "TreeError": "fedtrain.aggregation.tree",
+    "FixedPointMean": "fedtrain.aggregation.fixed",
+    "TreeError": "fedtrain.aggregation.processes",
     "TreeMean": "fedtrain.aggregation.tree",
     "aggregation_from_config": "fedtrain.aggregation.tree",
 }

@@ -5,8 +5,8 @@ children's partial sums in a fixed order. Tensors never travel through the pipe:
 in shared-memory slots the coordinator writes, partial sums are left in the node's own
 shared-memory block for its parent to read. The pipe carries only small commands and replies.
 
-The fixed-point helpers live here too, so the coordinator's flat integer sum and every leaf round
-values exactly the same way.
+Integer (int64) rounds use the fixed-point helpers of :mod:`fedtrain.aggregation.fixed`, so the
+coordinator's flat integer sum and every leaf round values exactly the same way.
 """
 
 from __future__ import annotations
@@ -19,63 +19,12 @@ from typing import Any
 
 import torch
 
-__all__ = [
-    "ACCUMULATE",
-    "fixed_point",
-    "fixed_point_add",
-    "fixed_point_limit",
-    "fixed_point_weight",
-    "serve",
-]
+from fedtrain.aggregation.fixed import fixed_point_add, fixed_point_weight
+
+__all__ = ["ACCUMULATE", "serve"]
 
 ACCUMULATE = {"float": torch.float32, "int64": torch.int64}
 """Accumulator dtype of each ``round.tree_accumulate`` mode."""
-
-
-def fixed_point_limit(n_silos: int) -> float:
-    """Largest |w·Δ·2^bits| one update may carry so that n_silos of them cannot overflow int64."""
-    return 2.0**62 / max(1, n_silos)
-
-
-CHUNK = 1 << 20
-"""Values converted per step in fixed-point accumulation (bounds the float64 scratch memory)."""
-
-
-def fixed_point(x: torch.Tensor, weight: float, bits: int, limit: float) -> torch.Tensor:
-    """round(w·x·2^bits) as int64: integer sums of these are exact, so any order or grouping
-    of the additions gives the same bits.
-
-    Computed in float64 (torch.mul(float32, out=float64) would multiply in float32 first);
-    w·2^bits is one float64 number, so each value is rounded once. A value beyond ``limit``
-    raises OverflowError instead of wrapping around.
-    """
-    y = x.to(torch.float64).mul_(weight * 2.0**bits)
-    if y.numel():
-        lo, hi = torch.aminmax(y)
-        peak = max(-float(lo), float(hi))
-        if not peak <= limit:
-            raise OverflowError(
-                f"round.fraction_bits = {bits} is too fine for these updates: |w·Δ|·2^{bits} "
-                f"reached {peak:.3g} > {limit:.3g} (int64 could overflow); use fewer bits"
-            )
-    return torch.round(y, out=y).to(torch.int64)
-
-
-def fixed_point_add(
-    acc: torch.Tensor, x: torch.Tensor, weight: float, bits: int, limit: float, *, first: bool
-) -> None:
-    """``acc (+)= fixed_point(x, ...)`` in chunks of :data:`CHUNK` values (flat tensors)."""
-    for start in range(0, x.numel(), CHUNK):
-        q = fixed_point(x[start : start + CHUNK], weight, bits, limit)
-        if first:
-            acc[start : start + CHUNK].copy_(q)
-        else:
-            acc[start : start + CHUNK].add_(q)
-
-
-def fixed_point_weight(weight: float, bits: int) -> int:
-    """round(w·2^bits) as a Python int (exact and unbounded, so weight sums never overflow)."""
-    return round(weight * 2.0**bits)
 
 
 def _close(block: SharedMemory) -> None:

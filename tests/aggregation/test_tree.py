@@ -17,9 +17,11 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from fedtrain.aggregation.fixed import FixedPointMean
 from fedtrain.aggregation.mean import StreamingMean
+from fedtrain.aggregation.processes import TreeError
 from fedtrain.aggregation.shape import MAX_NODES, fanout_spec, parse_tree
-from fedtrain.aggregation.tree import Aggregation, FixedPointMean, TreeError, TreeMean
+from fedtrain.aggregation.tree import Aggregation, TreeMean
 from fedtrain.config import ConfigError, config_from_dict
 from fedtrain.simulation.runner import build_simulation
 from tests.conftest import tiny_config_dict
