@@ -46,7 +46,8 @@ def sweep(
     Exits 1 when a run failed (its sweep.csv row has the error), 2 on bad input.
     """
     with user_errors(ValueError, RuntimeError, OSError):
-        from fedtrain.simulation.sweep import default_sweep_dir, plan_sweep, run_sweep
+        from fedtrain.simulation.sweep import run_sweep
+        from fedtrain.simulation.sweep_plan import default_sweep_dir, plan_sweep
 
         logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
         overrides = set_ or []

@@ -17,7 +17,7 @@ import pytest
 import tomli_w
 
 from fedtrain.config import ConfigError
-from fedtrain.simulation.sweep import parse_grid, plan_sweep, split_values
+from fedtrain.simulation.sweep_plan import parse_grid, plan_sweep, split_values
 from tests.conftest import tiny_config_dict
 
 PNG = b"\x89PNG\r\n\x1a\n"
