@@ -24,7 +24,7 @@ import json
 import math
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -183,17 +183,30 @@ def _method(cfg: Config) -> str:
     return name
 
 
-def analytic_run(cfg: Config, run_dir: Path, *, quiet: bool = True) -> dict[str, Any]:
-    """Time a run of ``cfg`` on the virtual clock without training; write metrics.jsonl,
-    summary.json and the utilisation plot into ``run_dir``; return the summary."""
-    method = _method(cfg)
-    params, layers = model_size(cfg)
+@dataclass(kw_only=True, slots=True)
+class _Plan:
+    """What every round of an analytic run shares: the silos, their timings, the sync's shape."""
+
+    silos: list[str]
+    timings: dict[str, SiloTiming]
+    stragglers: StragglerModel
+    layers: int
+    """Layers of the model (a sync moves one chunk per layer)."""
+    fragments: int
+    """Fragments the model is synchronised in (1 unless streaming)."""
+    payload_bytes: int
+    """Bytes of one fragment's payload."""
+    tau: int
+    """Inner steps a fragment's exchange may hide behind (streaming overlap)."""
+
+
+def _plan(cfg: Config, method: str, params: float, layers: int) -> _Plan:
+    """Each silo's step time and the payload per sync; refuses a silo without a step time and
+    fragments that do not divide the layers."""
     silos = cfg.silo_names()
-    profiles = cfg.silo_profiles()
-    tokens_per_step = cfg.train.tokens_per_step
     timings = {}
-    for name, p in zip(silos, profiles, strict=True):
-        step = profile_step_time(p, params, tokens_per_step)
+    for name, p in zip(silos, cfg.silo_profiles(), strict=True):
+        step = profile_step_time(p, params, cfg.train.tokens_per_step)
         if not step:
             raise ConfigError(
                 f"simulation.profiles[{p.name}]: analytic mode needs step_time_s > 0 or a gpu "
@@ -207,72 +220,118 @@ def analytic_run(cfg: Config, run_dir: Path, *, quiet: bool = True) -> dict[str,
             f"strategy.fragments: {fragments} fragments must divide the model's {layers} layers"
         )
     bits = codec_bits_per_value(cfg.transport.codec, cfg.transport.block_size)
-    payload_bytes = math.ceil(params * bits / 8 / fragments)
+    return _Plan(
+        silos=silos,
+        timings=timings,
+        stragglers=stragglers,
+        layers=layers,
+        fragments=fragments,
+        payload_bytes=math.ceil(params * bits / 8 / fragments),
+        tau=cfg.strategy.delay_steps if method == "streaming" else 0,
+    )
+
+
+def _round(plan: _Plan, rnd: int, steps: int) -> tuple[dict[str, float], dict[str, float], int]:
+    """One round of ``steps`` inner steps: each taking part silo's finish time (compute plus
+    exposed sync), each silo's busy time (0 when dropped) and the bytes each direction moved."""
+    finish: dict[str, float] = {}
+    busy: dict[str, float] = {}
+    moved = 0
+    for name in plan.silos:
+        if plan.stragglers.dropped(name, rnd):
+            busy[name] = 0.0
+            continue
+        timing = plan.timings[name]
+        t = timing.compute_time(1, rnd) * plan.stragglers.slowdown(name, rnd)
+        up, down = timing.profile.up_mbps * 1e6, timing.profile.down_mbps * 1e6
+        n_chunks = plan.layers // plan.fragments  # the whole model unless streaming
+        chunk_bits = plan.payload_bytes * 8 * plan.fragments / plan.layers
+        chunk = chunk_bits / up + chunk_bits / down
+        wait = exposed_comm_s(
+            [chunk] * n_chunks,
+            plan.layers,
+            t,
+            hide_s=plan.tau * t,
+            latency_s=2 * timing.profile.latency_ms / 1000,
+        )
+        busy[name] = steps * t
+        finish[name] = steps * t + wait
+        moved += round(n_chunks * chunk_bits / 8)
+    return finish, busy, moved
+
+
+@dataclass(kw_only=True, slots=True)
+class _Totals:
+    """Running totals of an analytic run; :meth:`add` turns one round into its metrics row."""
+
+    silos: list[str]
+    tokens_per_step: int
+    now: float = 0.0
+    step: int = 0
+    tokens: int = 0
+    bytes_up: int = 0
+    bytes_down: int = 0
+    compute: dict[str, float] = field(default_factory=dict)
+    """Compute seconds per silo, in silo order."""
+
+    def add(
+        self, rnd: int, steps: int, finish: dict[str, float], busy: dict[str, float], moved: int
+    ) -> dict[str, Any]:
+        """Fold in one round (see :func:`_round`); return its ``metrics.jsonl`` row."""
+        silos = self.silos
+        span = max(finish.values()) if finish else 0.0
+        self.now += span
+        self.bytes_up += moved
+        self.bytes_down += moved
+        for name in silos:
+            self.compute[name] = self.compute.get(name, 0.0) + busy[name]
+        util = [busy[n] / span if span else 0.0 for n in silos]
+        self.step += steps
+        self.tokens += steps * self.tokens_per_step * len(finish)
+        return {
+            "round": rnd,
+            "step": self.step,
+            "tokens": self.tokens,
+            "sim_time_s": round(self.now, 6),
+            "round_time_s": round(span, 6),
+            "utilisation": sum(util) / len(util),
+            "utilisation_min": min(util),
+            "idle_s": round(sum(span - busy[n] for n in silos) / len(silos), 6),
+            "silos": len(finish),
+            "bytes_up": moved,
+            "bytes_down": moved,
+        }
+
+
+def analytic_run(cfg: Config, run_dir: Path, *, quiet: bool = True) -> dict[str, Any]:
+    """Time a run of ``cfg`` on the virtual clock without training; write metrics.jsonl,
+    summary.json and the utilisation plot into ``run_dir``; return the summary."""
+    method = _method(cfg)
+    params, layers = model_size(cfg)
+    plan = _plan(cfg, method, params, layers)
+    silos = plan.silos
     per_round = cfg.steps_per_round()
     total = cfg.total_inner_steps()
     rounds = math.ceil(total / per_round)
-    frag_layers = layers // fragments
-    tau = cfg.strategy.delay_steps if method == "streaming" else 0
     from fedtrain.simulation.runner import check_run_dir
 
     check_run_dir(run_dir, resume=False)
     run_dir.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
-    now = 0.0
-    compute_total = dict.fromkeys(silos, 0.0)
+    totals = _Totals(
+        silos=silos,
+        tokens_per_step=cfg.train.tokens_per_step,
+        compute=dict.fromkeys(silos, 0.0),
+    )
     rows: list[dict[str, Any]] = []
-    step = tokens = bytes_up = bytes_down = 0
     with (run_dir / "metrics.jsonl").open("w") as out:
         for rnd in range(1, rounds + 1):
-            steps = min(per_round, total - step)
-            finish: dict[str, float] = {}
-            busy: dict[str, float] = {}
-            moved = 0
-            for name in silos:
-                if stragglers.dropped(name, rnd):
-                    busy[name] = 0.0
-                    continue
-                timing = timings[name]
-                t = timing.compute_time(1, rnd) * stragglers.slowdown(name, rnd)
-                up, down = timing.profile.up_mbps * 1e6, timing.profile.down_mbps * 1e6
-                n_chunks = frag_layers  # the whole model unless streaming
-                chunk_bits = payload_bytes * 8 * fragments / layers
-                chunk = chunk_bits / up + chunk_bits / down
-                wait = exposed_comm_s(
-                    [chunk] * n_chunks,
-                    layers,
-                    t,
-                    hide_s=tau * t,
-                    latency_s=2 * timing.profile.latency_ms / 1000,
-                )
-                busy[name] = steps * t
-                finish[name] = steps * t + wait
-                moved += round(n_chunks * chunk_bits / 8)
-            span = max(finish.values()) if finish else 0.0
-            now += span
-            bytes_up += moved
-            bytes_down += moved
-            for name in silos:
-                compute_total[name] += busy[name]
-            util = [busy[n] / span if span else 0.0 for n in silos]
-            step += steps
-            tokens += steps * tokens_per_step * len(finish)
-            row = {
-                "round": rnd,
-                "step": step,
-                "tokens": tokens,
-                "sim_time_s": round(now, 6),
-                "round_time_s": round(span, 6),
-                "utilisation": sum(util) / len(util),
-                "utilisation_min": min(util),
-                "idle_s": round(sum(span - busy[n] for n in silos) / len(silos), 6),
-                "silos": len(finish),
-                "bytes_up": moved,
-                "bytes_down": moved,
-            }
+            steps = min(per_round, total - totals.step)
+            row = totals.add(rnd, steps, *_round(plan, rnd, steps))
             out.write(json.dumps(row) + "\n")
             rows.append(row)
     _plot(rows, run_dir / "plots", f"{cfg.run.name} (analytic, {method})")
+    now = totals.now
     summary = {
         "analytic": True,
         "strategy": method,
@@ -280,16 +339,16 @@ def analytic_run(cfg: Config, run_dir: Path, *, quiet: bool = True) -> dict[str,
         "silos": len(silos),
         "parameters": params,
         "layers": layers,
-        "step_time_s": {n: timings[n].step_time_s for n in silos},
+        "step_time_s": {n: plan.timings[n].step_time_s for n in silos},
         "rounds": rounds,
-        "inner_steps_per_silo": step,
-        "tokens": tokens,
-        "bytes_up": bytes_up,
-        "bytes_down": bytes_down,
-        "bytes_total": bytes_up + bytes_down,
+        "inner_steps_per_silo": totals.step,
+        "tokens": totals.tokens,
+        "bytes_up": totals.bytes_up,
+        "bytes_down": totals.bytes_down,
+        "bytes_total": totals.bytes_up + totals.bytes_down,
         "sim_time_s": round(now, 6),
-        "silo_compute_s": compute_total,
-        "compute_utilisation": (sum(compute_total.values()) / len(silos) / now if now else None),
+        "silo_compute_s": totals.compute,
+        "compute_utilisation": (sum(totals.compute.values()) / len(silos) / now if now else None),
         "wall_s": round(time.perf_counter() - started, 3),
     }
     (run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
