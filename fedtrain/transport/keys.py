@@ -51,16 +51,14 @@ def _san(name: str) -> x509.GeneralName:
         return x509.DNSName(name)
 
 
-def init_keys(directory: Path, sans: list[str], silos: list[str], days: int = 365) -> list[Path]:
-    """Create the CA, server certificate and per-silo keys; return the files written."""
-    if (directory / "ca.key").exists():
-        raise ValueError(f"{directory} already holds keys; refusing to overwrite them")
-    if not silos:
-        raise ValueError("name at least one silo (--silo NAME)")
-    now = datetime.datetime.now(datetime.UTC)
-    until = now + datetime.timedelta(days=days)
-    written: list[Path] = []
+_File = tuple[Path, bytes, bool]
+"""(path, contents, private) of one file to write."""
 
+
+def _ca(
+    now: datetime.datetime, until: datetime.datetime
+) -> tuple[ec.EllipticCurvePrivateKey, x509.Name, x509.Certificate]:
+    """The run's self-signed certificate authority (EC P-384): its key, name and certificate."""
     ca_key = ec.generate_private_key(ec.SECP384R1())
     ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "fedtrain run CA")])
     ca = (
@@ -88,6 +86,17 @@ def init_keys(directory: Path, sans: list[str], silos: list[str], days: int = 36
         )
         .sign(ca_key, hashes.SHA256())
     )
+    return ca_key, ca_name, ca
+
+
+def _server_cert(
+    ca_key: ec.EllipticCurvePrivateKey,
+    ca_name: x509.Name,
+    sans: list[str],
+    now: datetime.datetime,
+    until: datetime.datetime,
+) -> tuple[ec.EllipticCurvePrivateKey, x509.Certificate]:
+    """The SuperLink's TLS key and certificate, signed by the CA, for ``sans`` plus localhost."""
     srv_key = ec.generate_private_key(ec.SECP384R1())
     names = list(dict.fromkeys([*sans, "localhost", "127.0.0.1"]))
     srv = (
@@ -105,6 +114,55 @@ def init_keys(directory: Path, sans: list[str], silos: list[str], days: int = 36
         )
         .sign(ca_key, hashes.SHA256())
     )
+    return srv_key, srv
+
+
+def _silo_files(d: Path) -> tuple[_File, ...]:
+    """A silo's fresh keys: EC P-384 node-auth key (OpenSSH) and Ed25519 signing key (PEM)."""
+    pem = serialization.Encoding.PEM
+    auth = ec.generate_private_key(ec.SECP384R1())
+    sign = Ed25519PrivateKey.generate()
+    return (
+        (
+            d / "auth_key",
+            auth.private_bytes(
+                pem, serialization.PrivateFormat.OpenSSH, serialization.NoEncryption()
+            ),
+            True,
+        ),
+        (
+            d / "auth_key.pub",
+            auth.public_key().public_bytes(
+                serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH
+            ),
+            False,
+        ),
+        (
+            d / "sign_key",
+            sign.private_bytes(
+                pem, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+            ),
+            True,
+        ),
+        (
+            d / "sign_key.pub",
+            sign.public_key().public_bytes(pem, serialization.PublicFormat.SubjectPublicKeyInfo),
+            False,
+        ),
+    )
+
+
+def init_keys(directory: Path, sans: list[str], silos: list[str], days: int = 365) -> list[Path]:
+    """Create the CA, server certificate and per-silo keys; return the files written."""
+    if (directory / "ca.key").exists():
+        raise ValueError(f"{directory} already holds keys; refusing to overwrite them")
+    if not silos:
+        raise ValueError("name at least one silo (--silo NAME)")
+    now = datetime.datetime.now(datetime.UTC)
+    until = now + datetime.timedelta(days=days)
+    written: list[Path] = []
+    ca_key, ca_name, ca = _ca(now, until)
+    srv_key, srv = _server_cert(ca_key, ca_name, sans, now, until)
     pem = serialization.Encoding.PEM
     for path, data, private in (
         (directory / "ca.crt", ca.public_bytes(pem), False),
@@ -115,40 +173,7 @@ def init_keys(directory: Path, sans: list[str], silos: list[str], days: int = 36
         _write(path, data, private)
         written.append(path)
     for silo in silos:
-        d = directory / "silos" / silo
-        auth = ec.generate_private_key(ec.SECP384R1())
-        sign = Ed25519PrivateKey.generate()
-        files = (
-            (
-                d / "auth_key",
-                auth.private_bytes(
-                    pem, serialization.PrivateFormat.OpenSSH, serialization.NoEncryption()
-                ),
-                True,
-            ),
-            (
-                d / "auth_key.pub",
-                auth.public_key().public_bytes(
-                    serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH
-                ),
-                False,
-            ),
-            (
-                d / "sign_key",
-                sign.private_bytes(
-                    pem, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
-                ),
-                True,
-            ),
-            (
-                d / "sign_key.pub",
-                sign.public_key().public_bytes(
-                    pem, serialization.PublicFormat.SubjectPublicKeyInfo
-                ),
-                False,
-            ),
-        )
-        for path, data, private in files:
+        for path, data, private in _silo_files(directory / "silos" / silo):
             _write(path, data, private)
             written.append(path)
     return written
