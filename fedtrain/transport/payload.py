@@ -23,7 +23,7 @@ import torch
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
-from fedtrain.transport.codecs import get_codec
+from fedtrain.transport.codecs import Codec, get_codec
 
 __all__ = [
     "FORMAT_VERSION",
@@ -150,16 +150,29 @@ def read_header(data: bytes | memoryview) -> tuple[dict[str, Any], int]:
     return header, 8 + hlen
 
 
-def decode_payload(
-    data: bytes | memoryview, *, public_key: Ed25519PublicKey | None = None
-) -> Payload:
-    """Verify and decode a payload made by :func:`encode_payload`.
+@dataclass(kw_only=True, slots=True)
+class _Fields:
+    """A payload header's fields, each checked for its type (not yet against the body)."""
 
-    With ``public_key``, the payload must be signed by the matching private key.
-    """
-    header, start = read_header(data)
-    if header.get("header_sha256") != header_digest(header):
-        raise PayloadError("header checksum mismatch or missing (corrupted in transit or tampered)")
+    names: list[Any]
+    shapes: list[Any]
+    sizes: list[Any]
+    numels: list[Any]
+    dtypes: list[Any]
+    block: int
+    codec: Codec
+    body_bytes: int
+    digest: str
+    signed: bool
+    run_id: str
+    round: int
+    sender: str
+    kind: str
+    fragment: int | None
+
+
+def _header_fields(header: dict[str, Any]) -> _Fields:
+    """The header's fields; a missing or mistyped one raises :class:`PayloadError`."""
     try:
         names, shapes, sizes, numels, dtypes = (
             _list(header, k) for k in ("names", "shapes", "sizes", "numels", "dtypes")
@@ -181,34 +194,64 @@ def decode_payload(
             raise ValueError("'sizes', 'numels' and 'body_bytes' must be integers >= 0")
     except (KeyError, TypeError, ValueError) as e:
         raise PayloadError(f"header missing or invalid field: {e}") from None
-    tail = SIGNATURE_BYTES if signed else 0
-    if len(data) != start + body_bytes + tail:
+    return _Fields(
+        names=names,
+        shapes=shapes,
+        sizes=sizes,
+        numels=numels,
+        dtypes=dtypes,
+        block=block,
+        codec=codec,
+        body_bytes=body_bytes,
+        digest=digest,
+        signed=signed,
+        run_id=run_id,
+        round=rnd,
+        sender=sender,
+        kind=kind,
+        fragment=fragment,
+    )
+
+
+def _verified_body(
+    data: bytes | memoryview, start: int, f: _Fields, public_key: Ed25519PublicKey | None
+) -> memoryview:
+    """The body, once the total length, the signature (with ``public_key``) and the body's
+    sha256 check out."""
+    tail = SIGNATURE_BYTES if f.signed else 0
+    if len(data) != start + f.body_bytes + tail:
         raise PayloadError(
-            f"payload is {len(data)} bytes but the header says {start + body_bytes + tail} "
+            f"payload is {len(data)} bytes but the header says {start + f.body_bytes + tail} "
             "(truncated or padded)"
         )
     if public_key is not None:
-        if not signed:
-            raise SignatureError(f"unsigned payload from {sender!r}; signatures are required")
-        end = start + body_bytes
+        if not f.signed:
+            raise SignatureError(f"unsigned payload from {f.sender!r}; signatures are required")
+        end = start + f.body_bytes
         try:
             public_key.verify(bytes(data[end:]), bytes(data[:end]))
         except InvalidSignature:
             raise SignatureError(
-                f"signature does not verify for {sender!r} (another key, or modified)"
+                f"signature does not verify for {f.sender!r} (another key, or modified)"
             ) from None
-    body = memoryview(data)[start : start + body_bytes]
-    if hashlib.sha256(body).hexdigest() != digest:
+    body = memoryview(data)[start : start + f.body_bytes]
+    if hashlib.sha256(body).hexdigest() != f.digest:
         raise PayloadError("body checksum mismatch (corrupted in transit or tampered)")
-    n = len(names)
+    return body
+
+
+def _decode_tensors(f: _Fields, body: memoryview) -> dict[str, torch.Tensor]:
+    """Each tensor decoded from its slice of ``body``, after its shape and size are checked."""
+    n = len(f.names)
     if (
-        not (len(shapes) == len(sizes) == len(numels) == len(dtypes) == n)
-        or sum(sizes) != body_bytes
+        not (len(f.shapes) == len(f.sizes) == len(f.numels) == len(f.dtypes) == n)
+        or sum(f.sizes) != f.body_bytes
     ):
         raise PayloadError("header tensor lists are inconsistent with the body size")
+    codec = f.codec
     tensors: dict[str, torch.Tensor] = {}
     offset = 0
-    for name, shape, numel, size in zip(names, shapes, numels, sizes, strict=True):
+    for name, shape, numel, size in zip(f.names, f.shapes, f.numels, f.sizes, strict=True):
         if (
             not isinstance(shape, list)
             or len(shape) > _MAX_DIMS
@@ -227,21 +270,37 @@ def decode_payload(
             )
         tensors[name] = codec.decode(body[offset : offset + size], numel).reshape(shape)
         offset += size
+    return tensors
+
+
+def decode_payload(
+    data: bytes | memoryview, *, public_key: Ed25519PublicKey | None = None
+) -> Payload:
+    """Verify and decode a payload made by :func:`encode_payload`.
+
+    With ``public_key``, the payload must be signed by the matching private key.
+    """
+    header, start = read_header(data)
+    if header.get("header_sha256") != header_digest(header):
+        raise PayloadError("header checksum mismatch or missing (corrupted in transit or tampered)")
+    f = _header_fields(header)
+    body = _verified_body(data, start, f, public_key)
+    tensors = _decode_tensors(f, body)
     meta = header.get("meta") or {}
     if not isinstance(meta, dict):
         raise PayloadError("header meta is not an object")
     return Payload(
-        kind=kind,
-        run_id=run_id,
-        round=rnd,
-        sender=sender,
-        codec=codec.name,
+        kind=f.kind,
+        run_id=f.run_id,
+        round=f.round,
+        sender=f.sender,
+        codec=f.codec.name,
         tensors=tensors,
-        fragment=fragment,
-        block_size=block,
-        signed=signed,
+        fragment=f.fragment,
+        block_size=f.block,
+        signed=f.signed,
         meta=meta,
-        dtypes=dict(zip(names, dtypes, strict=True)),
+        dtypes=dict(zip(f.names, f.dtypes, strict=True)),
     )
 
 
