@@ -280,6 +280,7 @@ class FleetProxy:
         return b"".join(chunks)
 
     async def _app(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        """ASGI entry: rate limit, Fleet-API allow list and body cap, then forward."""
         if scope["type"] != "http":
             return
         method, path = scope["method"], scope["path"]
@@ -297,25 +298,36 @@ class FleetProxy:
         except _Disconnected:
             return
         if body is None:
-            self.too_large += 1
-            log.warning(
-                "refused %s %s from %s: body over %d bytes",
-                method,
-                path,
-                client,
-                self.max_body_bytes,
-            )
-            # The rest of the body is never read: close the connection rather than drain it.
-            await _reply(
-                send,
-                413,
-                f"request body over {self.max_body_bytes} bytes",
-                [(b"connection", b"close")],
-            )
+            await self._too_large(client, method, path, send)
             return
         self.bytes_in += len(body)
         self.max_request_bytes = max(self.max_request_bytes, len(body))
         self.requests += 1
+        if await self._forward(scope, body, send) and self.requests % 50 == 0:
+            await asyncio.to_thread(self.write_stats)
+
+    async def _too_large(self, client: str, method: str, path: str, send: Any) -> None:
+        """Count, log and answer 413 for a request body over ``max_body_bytes``."""
+        self.too_large += 1
+        log.warning(
+            "refused %s %s from %s: body over %d bytes",
+            method,
+            path,
+            client,
+            self.max_body_bytes,
+        )
+        # The rest of the body is never read: close the connection rather than drain it.
+        await _reply(
+            send,
+            413,
+            f"request body over {self.max_body_bytes} bytes",
+            [(b"connection", b"close")],
+        )
+
+    async def _forward(self, scope: dict[str, Any], body: bytes, send: Any) -> bool:
+        """Send the request to the SuperLink and stream its response back; hop-by-hop headers
+        are dropped both ways. False (after answering 502) when the SuperLink is unreachable."""
+        method, path = scope["method"], scope["path"]
         headers = [
             (k.decode("latin-1"), v.decode("latin-1"))
             for k, v in scope["headers"]
@@ -342,7 +354,7 @@ class FleetProxy:
             await send(
                 {"type": "http.response.body", "body": f"SuperLink unreachable: {e}".encode()}
             )
-            return
+            return False
         try:
             out_headers = [
                 (k.encode("latin-1"), v.encode("latin-1"))
@@ -358,5 +370,4 @@ class FleetProxy:
             await send({"type": "http.response.body", "body": b""})
         finally:
             await resp.aclose()
-        if self.requests % 50 == 0:
-            await asyncio.to_thread(self.write_stats)
+        return True
