@@ -131,6 +131,141 @@ def _stop_clientapps(port: str) -> None:
     stop_processes_using(f"--runtime-api-address 127.0.0.1:{port} ")
 
 
+def _daemon_command(
+    opts: ClientOptions, work: Path, sock: str, ready: Path, parent: int
+) -> list[str]:
+    """``torchrun`` command line of the silo's trainer daemon."""
+    daemon = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc-per-node",
+        str(opts.nproc),
+        "-m",
+        "fedtrain.client.daemon",
+        "--silo",
+        opts.silo,
+        "--work-dir",
+        str(work),
+        "--socket",
+        sock,
+        "--ready-file",
+        str(ready),
+        "--parent-pid",
+        str(parent),
+        "--threads",
+        str(opts.threads),
+    ]
+    if opts.data:
+        daemon += ["--data", opts.data]
+    if opts.signing_key:
+        daemon += ["--signing-key", str(opts.signing_key.resolve())]
+    return daemon
+
+
+def _wait_ready(children: Children, ready: Path, timeout_s: float = 180) -> None:
+    """Wait until the daemon writes its ready file; RuntimeError with its log tail if it dies."""
+    deadline = time.monotonic() + timeout_s
+    while not ready.exists():
+        if children.exited() or time.monotonic() > deadline:
+            raise RuntimeError(
+                "the trainer daemon did not start:\n" + tail(children.log_path("daemon"))
+            )
+        time.sleep(0.2)
+
+
+def _supernode_command(opts: ClientOptions, sock: str, runtime_port: int) -> list[str]:
+    """``flower-supernode`` command line: the silo's name and socket, TLS and node auth."""
+    node = [
+        "flower-supernode",
+        "--superlink",
+        opts.server,
+        "--port",
+        str(runtime_port),
+        "--node-config",
+        f'silo="{opts.silo}" socket="{sock}"',
+    ]
+    if opts.tls_ca is None:
+        node.append("--insecure")
+    else:
+        node += ["--root-certificates", str(opts.tls_ca.resolve())]
+    if opts.auth_key is not None:
+        node += [
+            "--auth-supernode-private-key",
+            str(opts.auth_key.resolve()),
+            "--auth-supernode-public-key",
+            f"{opts.auth_key.resolve()}.pub",
+        ]
+    return node
+
+
+def _refused(reason: str) -> int:
+    """Report that the coordinator refused this silo; the exit code for it."""
+    print(
+        f"fedtrain client: the coordinator refused this silo: {reason}", file=sys.stderr, flush=True
+    )
+    return 3
+
+
+def _watch_supernode(
+    opts: ClientOptions, children: Children, node: list[str], work: Path, runtime_port: int
+) -> int:
+    """Start the SuperNode and keep it connected (reconnect with backoff when the coordinator
+    goes away); return the exit code once it is refused or a child fails."""
+    env = {"FLWR_HOME": str(work / "flwr")}
+    node_log = children.log_path("supernode")
+    node_log_start = node_log.stat().st_size if node_log.exists() else 0
+    children.start("supernode", node, env)
+    started = time.monotonic()
+    print(f"fedtrain client: silo {opts.silo} connecting to {opts.server}", flush=True)
+    backoff = 1.0
+    # With --tls-ca a plain coordinator shows in the SuperNode's log ("wrong version
+    # number"); without it, a TLS coordinator does not, so ask it directly.
+    tls_known = opts.tls_ca is not None
+    next_probe = time.monotonic() + _PROBE_EVERY_S
+    while True:
+        if not tls_known and time.monotonic() >= next_probe:
+            next_probe = time.monotonic() + _PROBE_EVERY_S
+            if _logged_since(node_log, node_log_start, "SuperNode ID"):
+                tls_known = True  # connected: the coordinator speaks plain HTTP
+            else:
+                tls = _speaks_tls(opts.server)
+                tls_known = tls is not None
+                if tls:
+                    return _refused(_NEEDS_TLS)
+        dead = children.exited()
+        if dead is not None:
+            name, code = dead
+            refusal = _refusal(tail(children.log_path("supernode"), 40)) if code else None
+            if name == "supernode" and refusal is not None:
+                return _refused(refusal)
+            if name == "supernode":
+                # The SuperNode gives up when the coordinator goes away (a restart, the end
+                # of a run); the daemon and its state stay, so just connect again.
+                print(
+                    f"fedtrain client: lost the coordinator (supernode exit {code}); "
+                    f"reconnecting in {backoff:.0f}s",
+                    flush=True,
+                )
+                _stop_clientapps(str(runtime_port))
+                time.sleep(backoff)
+                backoff = min(backoff * 2, 30.0)
+                started = time.monotonic()
+                children.start("supernode", node, env)
+                continue
+            print(
+                f"fedtrain client: {name} exited with code {code}:\n"
+                + tail(children.log_path(name)),
+                file=sys.stderr,
+                flush=True,
+            )
+            return 1
+        if time.monotonic() - started > 60:
+            backoff = 1.0
+        time.sleep(0.5)
+
+
 def run_client(opts: ClientOptions) -> int:
     """Start the daemon and the SuperNode, watch them, stop them; return an exit code."""
     import os
@@ -152,128 +287,15 @@ def run_client(opts: ClientOptions) -> int:
     restore = install_stop_handlers()
     rc = 1
     try:
-        daemon = [
-            sys.executable,
-            "-m",
-            "torch.distributed.run",
-            "--standalone",
-            "--nproc-per-node",
-            str(opts.nproc),
-            "-m",
-            "fedtrain.client.daemon",
-            "--silo",
-            opts.silo,
-            "--work-dir",
-            str(work),
-            "--socket",
-            sock,
-            "--ready-file",
-            str(ready),
-            "--parent-pid",
-            str(os.getpid()),
-            "--threads",
-            str(opts.threads),
-        ]
-        if opts.data:
-            daemon += ["--data", opts.data]
-        if opts.signing_key:
-            daemon += ["--signing-key", str(opts.signing_key.resolve())]
-        children.start("daemon", daemon)
-        deadline = time.monotonic() + 180
-        while not ready.exists():
-            if children.exited() or time.monotonic() > deadline:
-                raise RuntimeError(
-                    "the trainer daemon did not start:\n" + tail(children.log_path("daemon"))
-                )
-            time.sleep(0.2)
+        children.start("daemon", _daemon_command(opts, work, sock, ready, os.getpid()))
+        _wait_ready(children, ready)
         print(
             f"fedtrain client: silo {opts.silo} trainer daemon ready "
             f"({opts.nproc} process(es)) on {sock}",
             flush=True,
         )
-        node = [
-            "flower-supernode",
-            "--superlink",
-            opts.server,
-            "--port",
-            str(runtime_port),
-            "--node-config",
-            f'silo="{opts.silo}" socket="{sock}"',
-        ]
-        if opts.tls_ca is None:
-            node.append("--insecure")
-        else:
-            node += ["--root-certificates", str(opts.tls_ca.resolve())]
-        if opts.auth_key is not None:
-            node += [
-                "--auth-supernode-private-key",
-                str(opts.auth_key.resolve()),
-                "--auth-supernode-public-key",
-                f"{opts.auth_key.resolve()}.pub",
-            ]
-        node_log = children.log_path("supernode")
-        node_log_start = node_log.stat().st_size if node_log.exists() else 0
-        children.start("supernode", node, {"FLWR_HOME": str(work / "flwr")})
-        started = time.monotonic()
-        print(f"fedtrain client: silo {opts.silo} connecting to {opts.server}", flush=True)
-        backoff = 1.0
-        # With --tls-ca a plain coordinator shows in the SuperNode's log ("wrong version
-        # number"); without it, a TLS coordinator does not, so ask it directly.
-        tls_known = opts.tls_ca is not None
-        next_probe = time.monotonic() + _PROBE_EVERY_S
-        while True:
-            if not tls_known and time.monotonic() >= next_probe:
-                next_probe = time.monotonic() + _PROBE_EVERY_S
-                if _logged_since(node_log, node_log_start, "SuperNode ID"):
-                    tls_known = True  # connected: the coordinator speaks plain HTTP
-                else:
-                    tls = _speaks_tls(opts.server)
-                    tls_known = tls is not None
-                    if tls:
-                        print(
-                            f"fedtrain client: the coordinator refused this silo: {_NEEDS_TLS}",
-                            file=sys.stderr,
-                            flush=True,
-                        )
-                        rc = 3
-                        break
-            dead = children.exited()
-            if dead is not None:
-                name, code = dead
-                refusal = _refusal(tail(children.log_path("supernode"), 40)) if code else None
-                if name == "supernode" and refusal is not None:
-                    print(
-                        f"fedtrain client: the coordinator refused this silo: {refusal}",
-                        file=sys.stderr,
-                        flush=True,
-                    )
-                    rc = 3
-                    break
-                if name == "supernode":
-                    # The SuperNode gives up when the coordinator goes away (a restart, the end
-                    # of a run); the daemon and its state stay, so just connect again.
-                    print(
-                        f"fedtrain client: lost the coordinator (supernode exit {code}); "
-                        f"reconnecting in {backoff:.0f}s",
-                        flush=True,
-                    )
-                    _stop_clientapps(str(runtime_port))
-                    time.sleep(backoff)
-                    backoff = min(backoff * 2, 30.0)
-                    started = time.monotonic()
-                    children.start("supernode", node, {"FLWR_HOME": str(work / "flwr")})
-                    continue
-                print(
-                    f"fedtrain client: {name} exited with code {code}:\n"
-                    + tail(children.log_path(name)),
-                    file=sys.stderr,
-                    flush=True,
-                )
-                rc = 1
-                break
-            if time.monotonic() - started > 60:
-                backoff = 1.0
-            time.sleep(0.5)
+        node = _supernode_command(opts, sock, runtime_port)
+        rc = _watch_supernode(opts, children, node, work, runtime_port)
     except Stop as e:
         print(f"fedtrain client: {e} received, stopping", flush=True)
         rc = 0

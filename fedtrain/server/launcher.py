@@ -39,6 +39,7 @@ from fedtrain.runtime.children import (
 
 if TYPE_CHECKING:
     from fedtrain.config import Config
+    from fedtrain.server.proxy import FleetProxy
 
 __all__ = ["ServerOptions", "run_server"]
 
@@ -177,10 +178,9 @@ def _register_keys(env: dict[str, str], tls_dir: Path) -> list[str]:
     return done
 
 
-def run_server(opts: ServerOptions) -> int:
-    """Start everything, stream the run's log, stop everything; return an exit code."""
-    import os
-
+def _resolve_run(opts: ServerOptions) -> tuple[Path, Config, Path]:
+    """The config file, its loaded config and the run directory; refuses what cannot be
+    deployed, a finished run and a run directory holding a different config."""
     from fedtrain.config import config_sha256, load_config, packaged_example
 
     config_path = opts.config or packaged_example("deploy")
@@ -200,7 +200,11 @@ def run_server(opts: ServerOptions) -> int:
                 f"{run_dir} holds a run with a different config; choose another --run-dir"
             )
         print(f"fedtrain server: resuming the run in {run_dir}", flush=True)
-    host, port = _parse_address(opts.address)
+    return Path(config_path), cfg, run_dir
+
+
+def _tls_dir(opts: ServerOptions) -> Path | None:
+    """The resolved ``--tls-dir`` (None without one); refuses one missing a server file."""
     tls = opts.tls_dir.resolve() if opts.tls_dir is not None else None
     if tls is not None:
         for f in ("ca.crt", "server.crt", "server.key"):
@@ -208,6 +212,103 @@ def run_server(opts: ServerOptions) -> int:
                 raise ValueError(
                     f"--tls-dir {tls}: {f} missing (make it with `fedtrain keys init`)"
                 )
+    return tls
+
+
+def _stop_previous_serverapp(port_file: Path) -> None:
+    """Stop the ServerApp a coordinator killed without cleaning up left behind."""
+    if port_file.exists():
+        # A coordinator killed without cleaning up leaves its ServerApp running (Flower starts
+        # it outside our process tree); it still holds the run. Stop exactly those processes:
+        # they are the ones attached to the previous SuperLink's private address.
+        old = port_file.read_text().strip()
+        if stop_processes_using(f"--runtime-api-address 127.0.0.1:{old} "):
+            print("fedtrain server: stopped the previous coordinator's ServerApp", flush=True)
+
+
+def _superlink_command(home: Path, internal: int, tls: Path | None) -> list[str]:
+    """``flower-superlink`` on 127.0.0.1:``internal``, with TLS and node auth when ``tls``."""
+    link = [
+        "flower-superlink",
+        "--database",
+        str(home / "superlink.db"),
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(internal),
+        "--disable-runtime-dependency-installation",
+    ]
+    if tls is None:
+        link.append("--insecure")
+    else:
+        link += [
+            "--ssl-ca-certfile",
+            str(tls / "ca.crt"),
+            "--ssl-certfile",
+            str(tls / "server.crt"),
+            "--ssl-keyfile",
+            str(tls / "server.key"),
+            "--enable-supernode-auth",
+        ]
+    return link
+
+
+def _start_proxy(
+    cfg: Config, address: tuple[str, int], upstream: str, tls: Path | None, run_dir: Path
+) -> FleetProxy:
+    """Start the fleet-only proxy on the public address and write it to ``run_dir/address``."""
+    from fedtrain.server.proxy import FleetProxy
+
+    host, port = address
+    sock = socket.create_server((host, port), reuse_port=False)
+    proxy = FleetProxy(
+        sock,
+        upstream,
+        certfile=tls / "server.crt" if tls else None,
+        keyfile=tls / "server.key" if tls else None,
+        upstream_ca=tls / "ca.crt" if tls else None,
+        stats_path=run_dir / "fleet-traffic.json",
+        max_requests_per_s=cfg.reliability.max_requests_per_s,
+        max_body_bytes=max_body_bytes(cfg),
+    )
+    proxy.start()
+    (run_dir / "address").write_text(f"{host}:{proxy.port}\n")
+    return proxy
+
+
+def _submit_run(
+    opts: ServerOptions,
+    children: Children,
+    env: dict[str, str],
+    config_path: Path,
+    run_dir: Path,
+    tls: Path | None,
+) -> None:
+    """Register the silos' keys (with TLS), write the app bundle and start ``flwr run``."""
+    import os
+
+    home = run_dir / "flwr"
+    if tls is not None:
+        silos = _register_keys({**os.environ, **env}, tls)
+        print(f"fedtrain server: registered silo keys: {', '.join(silos) or 'none'}", flush=True)
+    write_app(
+        home / "app",
+        {
+            "config": str(config_path.resolve()),
+            "run-dir": str(run_dir),
+            "set": "; ".join(opts.overrides),
+            "join-timeout": opts.join_timeout_s,
+            "keys-dir": str(tls.resolve()) if tls else "",
+        },
+    )
+    children.start("run", ["flwr", "run", str(home / "app"), "coordinator", "--stream"], env)
+
+
+def run_server(opts: ServerOptions) -> int:
+    """Start everything, stream the run's log, stop everything; return an exit code."""
+    config_path, cfg, run_dir = _resolve_run(opts)
+    host, port = _parse_address(opts.address)
+    tls = _tls_dir(opts)
     run_dir.mkdir(parents=True, exist_ok=True)
     home = run_dir / "flwr"
     env = {"FLWR_HOME": str(home)}
@@ -217,81 +318,23 @@ def run_server(opts: ServerOptions) -> int:
     rc = 1
     internal = free_port()
     port_file = home / "superlink.port"
-    if port_file.exists():
-        # A coordinator killed without cleaning up leaves its ServerApp running (Flower starts
-        # it outside our process tree); it still holds the run. Stop exactly those processes:
-        # they are the ones attached to the previous SuperLink's private address.
-        old = port_file.read_text().strip()
-        if stop_processes_using(f"--runtime-api-address 127.0.0.1:{old} "):
-            print("fedtrain server: stopped the previous coordinator's ServerApp", flush=True)
+    _stop_previous_serverapp(port_file)
     home.mkdir(parents=True, exist_ok=True)
     port_file.write_text(str(internal))
     try:
-        link = [
-            "flower-superlink",
-            "--database",
-            str(home / "superlink.db"),
-            "--host",
-            "127.0.0.1",
-            "--port",
-            str(internal),
-            "--disable-runtime-dependency-installation",
-        ]
-        if tls is None:
-            link.append("--insecure")
-        else:
-            link += [
-                "--ssl-ca-certfile",
-                str(tls / "ca.crt"),
-                "--ssl-certfile",
-                str(tls / "server.crt"),
-                "--ssl-keyfile",
-                str(tls / "server.key"),
-                "--enable-supernode-auth",
-            ]
-        home.mkdir(parents=True, exist_ok=True)
-        children.start("superlink", link, env)
+        children.start("superlink", _superlink_command(home, internal, tls), env)
         scheme = "https" if tls else "http"
         upstream = f"{scheme}://127.0.0.1:{internal}"
         ca = tls / "ca.crt" if tls else None
         _wait_health(upstream + "/health", ca, lambda: children.procs["superlink"].poll() is None)
-        from fedtrain.server.proxy import FleetProxy
-
-        sock = socket.create_server((host, port), reuse_port=False)
-        proxy = FleetProxy(
-            sock,
-            upstream,
-            certfile=tls / "server.crt" if tls else None,
-            keyfile=tls / "server.key" if tls else None,
-            upstream_ca=ca,
-            stats_path=run_dir / "fleet-traffic.json",
-            max_requests_per_s=cfg.reliability.max_requests_per_s,
-            max_body_bytes=max_body_bytes(cfg),
-        )
-        proxy.start()
-        (run_dir / "address").write_text(f"{host}:{proxy.port}\n")
+        proxy = _start_proxy(cfg, (host, port), upstream, tls, run_dir)
         print(
             f"fedtrain server: fleet API on {host}:{proxy.port} ({'TLS' if tls else 'insecure'}); "
             f"control API kept on 127.0.0.1:{internal}; run dir {run_dir}",
             flush=True,
         )
         _flwr_config(home, internal, ca)
-        if tls is not None:
-            silos = _register_keys({**os.environ, **env}, tls)
-            print(
-                f"fedtrain server: registered silo keys: {', '.join(silos) or 'none'}", flush=True
-            )
-        write_app(
-            home / "app",
-            {
-                "config": str(Path(config_path).resolve()),
-                "run-dir": str(run_dir),
-                "set": "; ".join(opts.overrides),
-                "join-timeout": opts.join_timeout_s,
-                "keys-dir": str(tls.resolve()) if tls else "",
-            },
-        )
-        children.start("run", ["flwr", "run", str(home / "app"), "coordinator", "--stream"], env)
+        _submit_run(opts, children, env, config_path, run_dir, tls)
         rc = _follow(children, run_dir)
     except Stop as e:
         print(f"fedtrain server: {e} received, stopping", flush=True)
