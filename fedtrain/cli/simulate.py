@@ -6,11 +6,14 @@ import json
 import logging
 import time
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import TYPE_CHECKING, Annotated, Optional
 
 import typer
 
 from fedtrain.cli.errors import user_errors
+
+if TYPE_CHECKING:
+    from fedtrain.config import Config
 
 __all__ = ["simulate"]
 
@@ -58,27 +61,10 @@ def simulate(
     """Run the coordinator and N virtual silos in this process on a virtual clock (or, with
     --engine flower, under Flower's simulation runtime)."""
     with user_errors(ValueError, RuntimeError, OSError):
-        from fedtrain.config import load_config
-        from fedtrain.simulation.runner import load_run_config
         from fedtrain.simulation.runner import simulate as run_simulation
 
         logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-        if resume:
-            if run_dir is None:
-                raise ValueError("--resume needs --run-dir DIR (the run to continue)")
-            if config is not None or set_:
-                raise ValueError(
-                    "--resume continues with the run's own config; drop --config/--set"
-                )
-            cfg = load_run_config(run_dir)
-            if engine is not None and engine != cfg.simulation.engine:
-                raise ValueError(
-                    f"--engine {engine}: the run in {run_dir} was started with "
-                    f"simulation.engine = {cfg.simulation.engine!r}; drop --engine"
-                )
-        else:
-            chosen = [f"simulation.engine={json.dumps(engine)}"] if engine is not None else []
-            cfg = load_config(config, [*(set_ or []), *chosen])
+        cfg = _load(config, run_dir, set_, engine, resume)
         if analytic and cfg.simulation.engine != "inprocess":
             raise ValueError(
                 "--analytic times the run on the in-process engine's virtual clock; "
@@ -101,6 +87,34 @@ def simulate(
             typer.echo(json.dumps(summary, indent=2, sort_keys=True))
         elif quiet:
             typer.echo(str(out))
+
+
+def _load(
+    config: Path | None,
+    run_dir: Path | None,
+    set_: list[str] | None,
+    engine: str | None,
+    resume: bool,
+) -> Config:
+    """The run's config: with ``resume`` the one saved in ``run_dir`` (refusing --config, --set
+    and another --engine), else ``config`` with the --set overrides and --engine applied."""
+    from fedtrain.config import load_config
+    from fedtrain.simulation.runner import load_run_config
+
+    if resume:
+        if run_dir is None:
+            raise ValueError("--resume needs --run-dir DIR (the run to continue)")
+        if config is not None or set_:
+            raise ValueError("--resume continues with the run's own config; drop --config/--set")
+        cfg = load_run_config(run_dir)
+        if engine is not None and engine != cfg.simulation.engine:
+            raise ValueError(
+                f"--engine {engine}: the run in {run_dir} was started with "
+                f"simulation.engine = {cfg.simulation.engine!r}; drop --engine"
+            )
+        return cfg
+    chosen = [f"simulation.engine={json.dumps(engine)}"] if engine is not None else []
+    return load_config(config, [*(set_ or []), *chosen])
 
 
 def _analytic_line(summary: dict[str, object], out: Path) -> str:
