@@ -1,14 +1,20 @@
-"""Inner optimizer and learning-rate schedule shared by silo training and the DDP baseline."""
+"""Inner optimizer factories and the learning-rate schedule shared by silo training and the DDP
+baseline."""
 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import torch
 
 from fedtrain.config import TrainSection
 
-__all__ = ["lr_at", "make_adamw"]
+__all__ = ["OptimizerFactory", "adamw_factory", "lr_at", "make_adamw"]
+
+OptimizerFactory = Callable[[list[tuple[str, torch.nn.Parameter]]], torch.optim.Optimizer]
+"""Builds an inner optimizer over named parameters (the trainer sets each group's ``lr`` every
+step from :func:`lr_at`)."""
 
 
 def lr_at(step: int, cfg: TrainSection, total_steps: int) -> float:
@@ -34,3 +40,12 @@ def make_adamw(named: list[tuple[str, torch.nn.Parameter]], cfg: TrainSection) -
         {"params": no_decay, "weight_decay": 0.0},
     ]
     return torch.optim.AdamW(groups, lr=cfg.lr, betas=(0.9, 0.95), eps=1e-8)
+
+
+def adamw_factory(cfg: TrainSection) -> OptimizerFactory:
+    """The default inner optimizer: :func:`make_adamw` with ``cfg``'s settings."""
+
+    def build(named: list[tuple[str, torch.nn.Parameter]]) -> torch.optim.Optimizer:
+        return make_adamw(named, cfg)
+
+    return build

@@ -24,6 +24,10 @@ applied twice.
 Fault injection (a test hook, :mod:`fedtrain.client.inject`): ``FEDTRAIN_FAULTS`` and
 ``FEDTRAIN_FAULTS_SHARE`` are read once at start; this silo's faults fire in ``round`` requests
 as in simulation. Only rank 0 serves requests, so only rank 0 injects; unset, nothing changes.
+
+The parts: this module (requests and the entry point), :mod:`~fedtrain.client.listener` (the
+socket loop), :mod:`~fedtrain.client.snapshots` (per-round state) and
+:mod:`~fedtrain.client.ranks` (what every rank builds; how ranks > 0 follow).
 """
 
 from __future__ import annotations
@@ -33,8 +37,6 @@ import contextlib
 import json
 import logging
 import os
-import shutil
-import socket
 import sys
 import time
 from datetime import timedelta
@@ -44,39 +46,18 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from fedtrain.client.listener import serve_socket
+from fedtrain.client.ranks import announce_top, build_run, follow
+from fedtrain.client.snapshots import Snapshots
 from fedtrain.runtime.children import peak_rss_bytes
 
 log = logging.getLogger("fedtrain.daemon")
 
-__all__ = ["main"]
-
-KEEP_SNAPSHOTS = 2
+__all__ = ["Daemon", "Refused", "main"]
 
 
 class Refused(RuntimeError):
     """The request cannot be served; the reason goes back to the coordinator."""
-
-
-def _build(run_dir: Path, silo: str, data: str | None) -> tuple[Any, Any, Any]:
-    """(cfg, ShardedTrainer, SiloData) for the run whose manifest is in ``run_dir`` (all ranks)."""
-    from fedtrain.client.sharded import ShardedTrainer
-    from fedtrain.config import load_config
-    from fedtrain.data.prepare import silo_data
-    from fedtrain.data.stream import TokenStream
-    from fedtrain.data.tokenizer import load_tokenizer
-    from fedtrain.models.llama import build_model
-    from fedtrain.models.presets import PRESETS
-
-    cfg = load_config(run_dir / "config.toml")
-    tok = load_tokenizer(run_dir / "tokenizer.json")
-    sd = silo_data(cfg, silo, tok, data)
-    model = build_model(
-        PRESETS[cfg.model.preset], tok.vocab_size, cfg.run.seed, tie=cfg.model.tie_embeddings
-    )
-    trainer = ShardedTrainer(
-        silo, model, TokenStream(sd.tokens, cfg.run.seed, silo), cfg.train, cfg.total_inner_steps()
-    )
-    return cfg, trainer, sd
 
 
 class Daemon:
@@ -123,8 +104,8 @@ class Daemon:
         (run_dir / "config.toml").write_text(manifest["config_toml"])
         (run_dir / "tokenizer.json").write_bytes(tokenizer)
         (run_dir / "manifest.json").write_text(json.dumps(manifest, indent=1))
-        _announce_top("open", str(run_dir))
-        cfg, trainer, sd = _build(run_dir, self.silo, self.args.data)
+        announce_top("open", str(run_dir))
+        cfg, trainer, sd = build_run(run_dir, self.silo, self.args.data)
         self.worker = SiloWorker(
             trainer,
             run_id=run_id,
@@ -134,7 +115,7 @@ class Daemon:
         )
         self.heldout = sd.heldout
         self.run_id, self.run_dir = run_id, run_dir
-        snaps = self._snapshots()
+        snaps = self._snaps().paths()
         if snaps:
             self._restore(snaps[-1])
             log.info("silo %s resumed run %s at round %d", self.silo, run_id, self.work_round)
@@ -149,52 +130,28 @@ class Daemon:
         if not run_id or Path(run_id).name != run_id or run_id.startswith("."):
             return False
         run_dir = self.work_dir / "runs" / run_id
-        if not (run_dir / "manifest.json").exists() or not self._has_snapshot(run_dir):
+        if not (run_dir / "manifest.json").exists() or not Snapshots.exist(run_dir):
             return False
         manifest = json.loads((run_dir / "manifest.json").read_text())
         self._open_run(manifest, (run_dir / "tokenizer.json").read_bytes())
         return True
 
-    @staticmethod
-    def _has_snapshot(run_dir: Path) -> bool:
-        return any((p / "state.json").exists() for p in run_dir.glob("round-*"))
-
-    def _snapshots(self) -> list[Path]:
+    def _snaps(self) -> Snapshots:
         assert self.run_dir is not None
-        return sorted(p for p in self.run_dir.glob("round-*") if (p / "state.json").exists())
+        return Snapshots(self.run_dir)
 
     def _snapshot(self) -> None:
-        """Write the whole silo state after ``work_round`` (atomic: temp dir, then rename)."""
-        from safetensors.torch import save_file
-
-        assert self.run_dir is not None
-        final = self.run_dir / f"round-{self.work_round:06d}"
-        tmp = self.run_dir / f".tmp-round-{self.work_round:06d}"
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir()
-        tensors, meta = self.worker.state_tensors()
-        save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp / "rank0.safetensors"))
-        self.worker.trainer.save_shards(tmp)
-        state = {"version": self.version, "work_round": self.work_round, "meta": meta}
-        (tmp / "state.json").write_text(json.dumps(state))
-        shutil.rmtree(final, ignore_errors=True)
-        os.replace(tmp, final)
-        for old in self._snapshots()[:-KEEP_SNAPSHOTS]:
-            shutil.rmtree(old, ignore_errors=True)
+        """Write the whole silo state after ``work_round``."""
+        self._snaps().write(self.worker, self.version, self.work_round)
 
     def _restore(self, snap: Path) -> None:
-        from safetensors.torch import load_file
-
-        state = json.loads((snap / "state.json").read_text())
-        self.worker.load_state_tensors(load_file(str(snap / "rank0.safetensors")), state["meta"])
-        self.worker.trainer.load_shards(snap)
-        self.version, self.work_round = int(state["version"]), int(state["work_round"])
+        self.version, self.work_round = Snapshots.restore(self.worker, snap)
 
     def _rollback_before(self, rnd: int) -> None:
-        earlier = [s for s in self._snapshots() if _work_round(s) < rnd]
-        if not earlier:
+        earlier = self._snaps().before(rnd)
+        if earlier is None:
             raise Refused(f"cannot roll back to before round {rnd}: no snapshot that old")
-        self._restore(earlier[-1])
+        self._restore(earlier)
         log.info("silo %s rolled back to its state after round %d", self.silo, self.work_round)
 
     # --------------------------------------------------------------- requests
@@ -223,17 +180,9 @@ class Daemon:
             "daemon_peak_rss": peak_rss_bytes(),
             "version": self.version,
             "work_round": self.work_round,
-            "snapshots": self._snapshot_versions() if self.worker is not None else [],
+            "snapshots": self._snaps().versions() if self.worker is not None else [],
             "nproc": self.worker.trainer.world if self.worker is not None else None,
         }
-
-    def _snapshot_versions(self) -> list[list[int]]:
-        """``[work_round, version]`` of each kept snapshot, oldest first."""
-        out = []
-        for snap in self._snapshots():
-            state = json.loads((snap / "state.json").read_text())
-            out.append([int(state["work_round"]), int(state["version"])])
-        return out
 
     def _hello(
         self, header: dict[str, Any], blobs: dict[str, bytes]
@@ -274,7 +223,7 @@ class Daemon:
     def _round(
         self, header: dict[str, Any], blobs: dict[str, bytes]
     ) -> tuple[dict[str, Any], dict[str, bytes]]:
-        from fedtrain.strategies.base import Work
+        from fedtrain.protocol.work import TrainWork, WorkFormatError, work_from_json
 
         rnd = int(header["round"])
         if self.faults is not None:
@@ -282,10 +231,12 @@ class Daemon:
         if self.work_round >= rnd:
             self._rollback_before(rnd)
         downlink = self._apply(header, blobs)
-        w = header["work"]
-        if w["kind"] != "train":
-            raise Refused(f"work of kind {w['kind']!r} is not available in deployment")
-        work = Work(kind=w["kind"], steps=int(w["steps"]), names=w.get("names"), extra=w["extra"])
+        try:
+            work = work_from_json(header["work"])
+        except WorkFormatError as e:
+            raise Refused(str(e)) from None
+        if not isinstance(work, TrainWork):
+            raise Refused(f"work of kind {work.kind!r} is not available in deployment")
         t0 = time.perf_counter()
         result = self.worker.handle(rnd, work, downlink)
         compute_s = time.perf_counter() - t0
@@ -337,49 +288,14 @@ class Daemon:
 
     # ----------------------------------------------------------------- server
     def serve(self) -> None:
-        from fedtrain.protocol.localapi import LocalAPIError, read_frame, write_frame
-
-        path = self.args.socket
-        if os.path.exists(path):
-            os.unlink(path)
-        srv = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        srv.bind(path)
-        os.chmod(path, 0o600)
-        srv.listen(8)
-        srv.settimeout(1.0)
-        Path(self.args.ready_file).write_text(str(os.getpid()))
-        log.info("silo %s trainer daemon listening on %s", self.silo, path)
-        parent = self.args.parent_pid
-        while True:
-            try:
-                conn, _ = srv.accept()
-            except TimeoutError:
-                if parent and not _alive(parent):
-                    log.info("launcher %d is gone; stopping", parent)
-                    return
-                continue
-            with conn:
-                conn.settimeout(None)
-                try:
-                    header, blobs = read_frame(conn)
-                except LocalAPIError as e:
-                    log.warning("bad request on the local socket: %s", e)
-                    continue
-                reply, out = self.handle(header, blobs)
-                try:
-                    write_frame(conn, reply, out)
-                except OSError as e:
-                    log.warning("could not answer the mailbox: %s", e)
+        """Answer the mailbox on the daemon's socket until the launcher is gone."""
+        a = self.args
+        serve_socket(a.socket, a.ready_file, a.parent_pid, self.handle, silo=self.silo)
 
     def stop(self) -> None:
         if self.worker is not None:
             self.worker.trainer.stop_followers()
-        _announce_top("exit", "")
-
-
-def _work_round(snapshot: Path) -> int:
-    """The round a snapshot directory (``round-<r>``) was written after."""
-    return int(snapshot.name.removeprefix("round-"))
+        announce_top("exit", "")
 
 
 def _precheck(manifest: dict[str, Any], silo: str) -> None:
@@ -397,33 +313,6 @@ def _precheck(manifest: dict[str, Any], silo: str) -> None:
             f"train.batch_size = {cfg.train.batch_size} does not split over this silo's "
             f"{world} processes (--nproc)"
         )
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
-def _announce_top(op: str, arg: str) -> None:
-    if dist.get_world_size() > 1:
-        dist.broadcast_object_list([(op, arg)], src=0)
-
-
-def _follow(args: argparse.Namespace) -> None:
-    """Ranks > 0: build the trainer for each run rank 0 opens and follow its operations."""
-    while True:
-        box: list[Any] = [None]
-        dist.broadcast_object_list(box, src=0)
-        op, arg = box[0]
-        if op == "exit":
-            return
-        _, trainer, _ = _build(Path(arg), args.silo, args.data)
-        trainer.follow()
 
 
 def _refuse_to_start(message: str) -> int:
@@ -485,7 +374,7 @@ def main(argv: list[str] | None = None) -> int:
             finally:
                 daemon.stop()
         else:
-            _follow(args)
+            follow(args.silo, args.data)
         dist.barrier()
     except KeyboardInterrupt:
         return 130

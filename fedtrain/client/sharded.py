@@ -94,9 +94,10 @@ class ShardedTrainer(SiloTrainer):
         fully_shard(model)
         self.model = model
         self.params = dict(model.named_parameters())
-        from fedtrain.optim import make_adamw
+        from fedtrain.optim import adamw_factory
 
-        self.optimizer = make_adamw(list(self.params.items()), cfg)
+        self.make_optimizer = adamw_factory(cfg)
+        self.optimizer = self.make_optimizer(list(self.params.items()))
         self.step = 0
 
     # ------------------------------------------------------------------ relay

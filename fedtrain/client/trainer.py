@@ -25,7 +25,7 @@ from fedtrain.config import TrainSection
 from fedtrain.data.stream import TokenStream
 from fedtrain.models.evaluate import evaluate_loss
 from fedtrain.models.llama import Llama
-from fedtrain.optim import lr_at, make_adamw
+from fedtrain.optim import OptimizerFactory, adamw_factory, lr_at
 from fedtrain.strategies.base import optimizer_from_tensors, optimizer_to_tensors
 
 __all__ = ["SiloTrainer", "StepStats"]
@@ -57,7 +57,11 @@ class SiloTrainer:
         stream: TokenStream,
         cfg: TrainSection,
         total_steps: int,
+        optimizer: OptimizerFactory | None = None,
     ) -> None:
+        """``optimizer`` builds the inner optimizer from the named parameters (default: AdamW
+        from ``cfg``, :func:`~fedtrain.optim.make_adamw`); its ``lr`` is set every step from
+        the schedule (:func:`~fedtrain.optim.lr_at`)."""
         self.name = name
         self.model = model
         self.stream = stream
@@ -65,7 +69,8 @@ class SiloTrainer:
         self.total_steps = total_steps
         self.params = dict(model.named_parameters())
         self.anchor = {n: p.detach().clone() for n, p in self.params.items()}
-        self.optimizer = make_adamw(list(self.params.items()), cfg)
+        self.make_optimizer = optimizer or adamw_factory(cfg)
+        self.optimizer = self.make_optimizer(list(self.params.items()))
         self.step = 0
 
     # ----------------------------------------------------------------- training
@@ -85,7 +90,7 @@ class SiloTrainer:
         return total / self.cfg.grad_accum
 
     def train(self, steps: int, on_step: Callable[[int], None] | None = None) -> StepStats:
-        """Run ``steps`` inner AdamW steps on this silo's data."""
+        """Run ``steps`` inner optimizer steps on this silo's data."""
         self.model.train()
         losses = []
         for _ in range(steps):
@@ -156,7 +161,7 @@ class SiloTrainer:
             p.copy_(weights[n])
 
     def state_tensors(self) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-        """Everything needed to continue bitwise: local and anchor weights, AdamW state, step.
+        """Everything needed to continue bitwise: local and anchor weights, optimizer state, step.
 
         The data position is the step counter (batches are a pure function of it).
         """
@@ -179,7 +184,12 @@ class SiloTrainer:
         """A trainer at the global start θ̃ with a fresh inner optimizer (coded shard work),
         reading ``stream`` (default: this silo's) from position ``step`` (default: its own)."""
         clone = SiloTrainer(
-            self.name, copy.deepcopy(self.model), stream or self.stream, self.cfg, self.total_steps
+            self.name,
+            copy.deepcopy(self.model),
+            stream or self.stream,
+            self.cfg,
+            self.total_steps,
+            optimizer=self.make_optimizer,
         )
         clone.set_global(self.anchor)
         clone.step = self.step if step is None else step

@@ -8,9 +8,10 @@ silos through this class, so the silo-side protocol exists once.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
@@ -18,12 +19,17 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from fedtrain.client.trainer import SiloTrainer, StepStats
 from fedtrain.config import TransportSection
 from fedtrain.data.stream import TokenStream, derive_seed
-from fedtrain.strategies.base import Work
+from fedtrain.protocol.work import CodedWork, GradWork, TrainWork, Work, ZOWork
 from fedtrain.strategies.zo import ZOEntry, encode_byte, replay, spsa, zo_seed
 from fedtrain.transport.feedback import ErrorFeedback
 from fedtrain.transport.payload import Payload, decode_payload, encode_payload
 
 __all__ = ["SiloWorker", "WorkResult"]
+
+OnStep = Callable[[int], None] | None
+"""Called with the number of inner steps just taken (progress)."""
+Done = tuple[dict[str, torch.Tensor], StepStats]
+"""A handler's result: the reply's tensors and what the silo computed."""
 
 
 @dataclass(slots=True)
@@ -68,13 +74,12 @@ class SiloWorker:
         on_step: Callable[[int], None] | None = None,
     ) -> WorkResult:
         """One round on the silo: train, merge the previous round's result when it is due
-        (``work.extra['apply_at']`` steps in: the overlap τ of Streaming DiLoCo; 0 = first),
+        (:attr:`TrainWork.apply_at` steps in: the overlap τ of Streaming DiLoCo; 0 = first),
         finish the work and return the encoded reply."""
-        apply_at = int(work.extra.get("apply_at", 0))
-        alpha = float(work.extra.get("alpha", 0.0))
+        apply_at, alpha = (work.apply_at, work.alpha) if isinstance(work, TrainWork) else (0, 0.0)
         early = self.trainer.train(apply_at, on_step) if apply_at else None
         self.receive(downlink, alpha=alpha)
-        rest = Work(kind=work.kind, steps=work.steps - apply_at, names=work.names, extra=work.extra)
+        rest = dataclasses.replace(work, steps=work.steps - apply_at)
         return self.work(round, rest, on_step, before=early)
 
     def receive(
@@ -122,10 +127,21 @@ class SiloWorker:
             for n in m["zo_names"]:
                 self.trainer.anchor[n].copy_(self.trainer.params[n])
 
-    def _zo(self, round: int, work: Work) -> tuple[dict[str, torch.Tensor], StepStats]:
+    def _train(self, round: int, work: TrainWork, on_step: OnStep) -> Done:
+        """H inner steps; the reply is the pseudo-gradient of the named parameters."""
+        stats = self.trainer.train(work.steps, on_step)
+        return self.trainer.pseudo_gradient(work.names), stats
+
+    def _grad(self, round: int, work: GradWork, on_step: OnStep) -> Done:
+        """One step's gradient at the current weights."""
+        tensors, stats = self.trainer.gradient()
+        if on_step is not None:
+            on_step(1)
+        return tensors, stats
+
+    def _zo(self, round: int, work: ZOWork, on_step: OnStep) -> Done:
         """K projected gradients at the current global θ, each coded in one byte."""
-        x = work.extra
-        params = [self.trainer.params[n] for n in x["zo_names"]]
+        params = [self.trainer.params[n] for n in work.perturbed]
         model, cfg = self.trainer.model, self.trainer.cfg
         losses: list[float] = []
         grads = []
@@ -138,12 +154,12 @@ class SiloWorker:
                 return value
 
             seed = zo_seed(self.run_id, round, self.name, k)
-            grads.append(spsa(params, loss, seed, float(x["zo_eps"]), str(x["zo_perturbation"])))
+            grads.append(spsa(params, loss, seed, work.eps, work.perturbation))
             self.trainer.step += 1
         gen = torch.Generator().manual_seed(derive_seed(self.seed, "zo-sr", self.name, round))
         codes = encode_byte(
             torch.tensor(grads, dtype=torch.float64),
-            float(x["zo_scale"]),
+            work.scale,
             stochastic=self.transport.stochastic_rounding,
             generator=gen,
         )
@@ -154,9 +170,7 @@ class SiloWorker:
         )
         return {"codes": codes.to(torch.float32)}, stats
 
-    def _coded(
-        self, work: Work, on_step: Callable[[int], None] | None
-    ) -> tuple[dict[str, torch.Tensor], StepStats]:
+    def _coded(self, round: int, work: CodedWork, on_step: OnStep) -> Done:
         """y_i = Σ_j B_ij·g_j over this silo's shards: each g_j trained from the global start
         with a fresh optimizer and the data order of (round, shard), so every replica of a
         shard computes the same g_j. The silo's own model and optimizer are not touched."""
@@ -164,18 +178,17 @@ class SiloWorker:
             raise ValueError(
                 f"silo {self.name} trains on private data: it is never given coded work"
             )
-        x = work.extra
         total: dict[str, torch.Tensor] = {}
         stats: StepStats | None = None
-        for j, coeff in zip(x["shards"], x["coeffs"], strict=True):
-            shard = self.trainer.fresh_copy(stream=self.shards(int(j)), step=int(x["step0"]))
+        for j, coeff in zip(work.shards, work.coeffs, strict=True):
+            shard = self.trainer.fresh_copy(stream=self.shards(j), step=work.step0)
             done = shard.train(work.steps, on_step)
             stats = done if stats is None else stats.merged(done)
             for n, g in shard.pseudo_gradient(work.names).items():
                 if n in total:
-                    total[n].add_(g, alpha=float(coeff))
+                    total[n].add_(g, alpha=coeff)
                 else:
-                    total[n] = g * float(coeff)
+                    total[n] = g * coeff
             del shard
         assert stats is not None, "coded work names no shard"
         return total, stats
@@ -188,25 +201,14 @@ class SiloWorker:
         before: StepStats | None = None,
     ) -> WorkResult:
         """Run ``work`` and return the encoded reply (``before``: steps already taken)."""
-        if work.kind == "train":
-            stats = self.trainer.train(work.steps, on_step)
-            if before is not None:
-                stats = before.merged(stats)
-            tensors = self.trainer.pseudo_gradient(work.names)
-            kind = "pseudo_grad"
-        elif work.kind == "coded":
-            tensors, stats = self._coded(work, on_step)
-            kind = "pseudo_grad"
-        elif work.kind == "zo":
-            tensors, stats = self._zo(round, work)
-            kind = "zo_codes"
-        elif work.kind == "grad":
-            tensors, stats = self.trainer.gradient()
-            if on_step is not None:
-                on_step(1)
-            kind = "grad"
-        else:
-            raise ValueError(f"silo {self.name} cannot run work of kind {work.kind!r}")
+        entry = self.HANDLERS.get(type(work))
+        if entry is None:
+            kind = getattr(work, "kind", type(work).__name__)
+            raise ValueError(f"silo {self.name} cannot run work of kind {kind!r}")
+        handler, kind = entry
+        tensors, stats = handler(self, round, work, on_step)
+        if before is not None:
+            stats = before.merged(stats)
         meta = {
             "tokens": stats.tokens,
             "train_loss": stats.mean_loss,
@@ -217,6 +219,15 @@ class SiloWorker:
         return WorkResult(
             payload=payload, stats=stats, values=sum(t.numel() for t in tensors.values())
         )
+
+    HANDLERS: ClassVar[dict[type[Work], tuple[Callable[..., Done], str]]] = {
+        TrainWork: (_train, "pseudo_grad"),
+        CodedWork: (_coded, "pseudo_grad"),
+        ZOWork: (_zo, "zo_codes"),
+        GradWork: (_grad, "grad"),
+    }
+    """Each kind of work: its handler ``(self, round, work, on_step) -> (tensors, stats)`` and
+    the kind of reply it sends."""
 
     def _encode(
         self, tensors: dict[str, torch.Tensor], kind: str, round: int, meta: dict[str, Any]

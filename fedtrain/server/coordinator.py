@@ -25,11 +25,12 @@ from fedtrain.config import Config
 from fedtrain.data.stream import derive_seed
 from fedtrain.models.evaluate import evaluate_loss
 from fedtrain.models.llama import Llama
+from fedtrain.protocol.work import TrainWork, Work, work_from_json, work_to_json
 from fedtrain.server.closing import close_condition
 from fedtrain.server.engine import Engine
 from fedtrain.server.validate import UpdateRejected, UpdateValidator
 from fedtrain.storage.runstore import RunStore, StoredState
-from fedtrain.strategies.base import Strategy, Work
+from fedtrain.strategies.base import Strategy
 from fedtrain.transport.feedback import ErrorFeedback
 from fedtrain.transport.payload import decode_payload, encode_payload
 
@@ -177,9 +178,10 @@ class Coordinator:
             residual, _ = self.store.get_tensors(st["feedback_blob"])
             self.feedback.load_state_dict(residual)
         self._downlink = self.store.blobs.get(st["downlink_blob"])
+        # [round, work] entries; older stores wrote [round, kind, steps, names, extra].
         self._outstanding = {
-            s: (int(r), Work(kind=k, steps=int(n), names=names, extra=extra))
-            for s, (r, k, n, names, extra) in st.get("outstanding", {}).items()
+            s: (int(e[0]), work_from_json(e[1] if len(e) == 2 else e[1:]))
+            for s, e in st.get("outstanding", {}).items()
         }
         history = [r for r in self.store.index.metrics() if r["round"] <= stored.round]
         self.totals = RunTotals.from_json(st["totals"], history)
@@ -264,7 +266,9 @@ class Coordinator:
                 "buffer_bytes": result["buffer_bytes"],
                 "codec": cfg.transport.codec,
                 "compression_up": result["compression_up"],
-                "fragment": next((w.extra.get("fragment") for w in work.values()), None),
+                "fragment": next(
+                    (w.fragment if isinstance(w, TrainWork) else None for w in work.values()), None
+                ),
                 "max_payload_bytes": result["max_payload_bytes"],
                 "decode_error": result["decode_error"],
                 "quarantined": len(t.quarantined),
@@ -343,7 +347,7 @@ class Coordinator:
                         silo=reply.silo,
                         round=sent_round,
                         names=sent.names,
-                        shapes=sent.extra.get("shapes"),
+                        shapes=sent.reply_shapes(),
                     )
                 except UpdateRejected as e:
                     reason = str(e)
@@ -527,9 +531,7 @@ class Coordinator:
             "aggregate_blob": store.put_tensors(self._aggregate),
             "downlink_blob": store.blobs.put(downlink),
             "totals": self.totals.to_json(),
-            "outstanding": {
-                s: [r, w.kind, w.steps, w.names, w.extra] for s, (r, w) in self._outstanding.items()
-            },
+            "outstanding": {s: [r, work_to_json(w)] for s, (r, w) in self._outstanding.items()},
         }
         if self.feedback is not None:
             state["feedback_blob"] = store.put_tensors(self.feedback.state_dict())

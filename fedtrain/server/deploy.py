@@ -27,8 +27,8 @@ from flwr.app import Message
 from flwr.serverapp import Grid
 
 from fedtrain.protocol.records import from_content, to_content
+from fedtrain.protocol.work import Work, work_to_json
 from fedtrain.server.engine import Reply
-from fedtrain.strategies.base import Work
 
 if TYPE_CHECKING:
     import torch
@@ -230,13 +230,7 @@ class FlowerEngine:
                 "deadline_unix": deadline_unix,
             }
             if work is not None:
-                w = work[silo]
-                header["work"] = {
-                    "kind": w.kind,
-                    "steps": w.steps,
-                    "names": w.names,
-                    "extra": w.extra,
-                }
+                header["work"] = work_to_json(work[silo])
             have = self._effective_version(silo, rnd) if op == "round" else self._current(silo)
             blobs: dict[str, bytes] = {}
             if downlink is not None and have == base:

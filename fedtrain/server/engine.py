@@ -6,7 +6,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-from fedtrain.strategies.base import Work
+from fedtrain.protocol.work import Work
 
 __all__ = ["Engine", "Reply"]
 

@@ -22,9 +22,9 @@ from pathlib import Path
 from typing import Any
 
 from fedtrain.config import Config
+from fedtrain.protocol.work import Work
 from fedtrain.server.deploy import DeploymentError, FlowerEngine, engine_factory
 from fedtrain.server.engine import Reply
-from fedtrain.strategies.base import Work
 
 __all__ = ["SimulatedFlowerEngine", "check_flower_config", "simulate_flower"]
 

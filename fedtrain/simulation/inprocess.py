@@ -23,9 +23,9 @@ from fedtrain.client.worker import SiloWorker
 from fedtrain.config import Config
 from fedtrain.data.stream import TokenStream
 from fedtrain.models.llama import Llama
+from fedtrain.protocol.work import TrainWork, Work
 from fedtrain.server.engine import Reply
 from fedtrain.simulation.clock import SiloTiming, StragglerModel, VirtualClock, profile_step_time
-from fedtrain.strategies.base import Work
 from fedtrain.transport.payload import decode_payload
 
 __all__ = ["InProcessEngine", "measure_step_time"]
@@ -170,7 +170,7 @@ class InProcessEngine:
             # Per-silo timeline: the silo kept computing after its last send; it trains
             # `apply_at` steps (the overlap τ), then needs the broadcast, then finishes.
             per_step = timing.compute_time(1, round) * self.stragglers.slowdown(name, round)
-            apply_at = int(w.extra.get("apply_at", 0))
+            apply_at = w.apply_at if isinstance(w, TrainWork) else 0
             t = self.ready_at[name] + apply_at * per_step
             if down is not None:
                 t = max(t, start + timing.down_time(len(down)))

@@ -8,7 +8,7 @@ import torch
 
 from fedtrain.aggregation.tree import aggregation_from_config
 from fedtrain.config import Config, StrategySection
-from fedtrain.strategies.base import OuterOptimizerStrategy, Strategy, Work
+from fedtrain.strategies.base import OuterOptimizerStrategy, Strategy
 from fedtrain.strategies.ddp import DataParallel
 from fedtrain.strategies.diloco import DiLoCo
 from fedtrain.strategies.streaming import StreamingDiLoCo
@@ -19,7 +19,6 @@ __all__ = [
     "OuterOptimizerStrategy",
     "Strategy",
     "StreamingDiLoCo",
-    "Work",
     "build_strategy",
 ]
 

@@ -7,32 +7,18 @@ parameters and the outer optimizer. The same object runs under every engine.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 import torch
 
+from fedtrain.protocol.work import Work
+
 __all__ = [
     "OuterOptimizerStrategy",
     "Strategy",
-    "Work",
     "optimizer_from_tensors",
     "optimizer_to_tensors",
 ]
-
-
-@dataclass(slots=True)
-class Work:
-    """What one silo is asked to do in a round."""
-
-    kind: str
-    """'train' (H inner steps, return the pseudo-gradient) or 'grad' (one step's gradient)."""
-    steps: int
-    """Inner steps to run."""
-    names: list[str] | None = None
-    """Parameters to return (None = all)."""
-    extra: dict[str, Any] = field(default_factory=dict)
-    """Strategy-specific instructions (fragment id, shard set, seeds ...)."""
 
 
 class AggregationPlugin(Protocol):

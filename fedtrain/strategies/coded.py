@@ -17,7 +17,7 @@ import numpy as np
 import torch
 
 from fedtrain.aggregation.mean import Aggregator
-from fedtrain.strategies.base import Work
+from fedtrain.protocol.work import CodedWork, Work
 from fedtrain.strategies.diloco import DiLoCo
 from fedtrain.strategies.gradient_coding import Decoding, choose_construction, decode
 
@@ -126,18 +126,15 @@ class CodedDiLoCo(DiLoCo):
             raise ValueError(f"the code is for {self.b.shape[0]} silos, got {len(silos)}")
         self._silos = list(silos)
         self._steps = h = min(self.inner_steps, steps)
-        work = {}
+        work: dict[str, Work] = {}
         for i, silo in enumerate(silos):
             shards = [int(j) for j in np.flatnonzero(self.b[i])]
-            work[silo] = Work(
-                kind="coded",
+            work[silo] = CodedWork(
                 steps=h,
-                extra={
-                    "shards": shards,
-                    "coeffs": [float(self.b[i, j]) for j in shards],
-                    # The data order and LR schedule position of every replica of a shard.
-                    "step0": (round - 1) * self.inner_steps,
-                },
+                shards=shards,
+                coeffs=[float(self.b[i, j]) for j in shards],
+                # The data order and LR schedule position of every replica of a shard.
+                step0=(round - 1) * self.inner_steps,
             )
         return work
 

@@ -28,7 +28,7 @@ from typing import Any
 import torch
 
 from fedtrain.aggregation.mean import StreamingMean
-from fedtrain.strategies.base import Work
+from fedtrain.protocol.work import TrainWork, Work
 from fedtrain.strategies.diloco import DiLoCo
 
 __all__ = [
@@ -211,7 +211,7 @@ class CompassDiLoCo(DiLoCo):
                 gid, q = first.gid, self.scheduler.q_max
             q = max(1, min(q, steps))
             self.outstanding[silo] = (gid, now, q)
-            work[silo] = Work(kind="train", steps=q, extra={"group": gid})
+            work[silo] = TrainWork(steps=q, group=gid)
         return work
 
     def _target(self) -> Group | None:

@@ -13,7 +13,8 @@ import torch
 
 from fedtrain.config import TrainSection
 from fedtrain.optim import lr_at, make_adamw
-from fedtrain.strategies.base import OuterOptimizerStrategy, Work
+from fedtrain.protocol.work import GradWork, Work
+from fedtrain.strategies.base import OuterOptimizerStrategy
 
 __all__ = ["DataParallel"]
 
@@ -34,7 +35,7 @@ class DataParallel(OuterOptimizerStrategy):
         self.steps_taken = 0
 
     def plan(self, round: int, silos: list[str], steps: int) -> dict[str, Work]:
-        return {s: Work(kind="grad", steps=1) for s in silos}
+        return {s: GradWork(steps=1) for s in silos}
 
     def weight(self, meta: dict[str, Any]) -> float:
         return float(meta.get("tokens", 0))

@@ -11,7 +11,8 @@ from typing import Any
 
 import torch
 
-from fedtrain.strategies.base import AggregationPlugin, OuterOptimizerStrategy, Work
+from fedtrain.protocol.work import TrainWork, Work
+from fedtrain.strategies.base import AggregationPlugin, OuterOptimizerStrategy
 
 __all__ = ["DiLoCo"]
 
@@ -67,7 +68,7 @@ class DiLoCo(OuterOptimizerStrategy):
 
     def plan(self, round: int, silos: list[str], steps: int) -> dict[str, Work]:
         h = min(self.inner_steps, steps)
-        return {s: Work(kind="train", steps=h) for s in silos}
+        return {s: TrainWork(steps=h) for s in silos}
 
     def weight(self, meta: dict[str, Any]) -> float:
         return float(meta.get("tokens", 0)) if self.weighting == "tokens" else 1.0

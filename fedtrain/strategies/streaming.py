@@ -16,10 +16,10 @@ from typing import Any
 
 import torch
 
+from fedtrain.protocol.work import TrainWork, Work
 from fedtrain.strategies.base import (
     AggregationPlugin,
     Strategy,
-    Work,
     optimizer_from_tensors,
     optimizer_to_tensors,
 )
@@ -122,17 +122,13 @@ class StreamingDiLoCo(Strategy):
     def plan(self, round: int, silos: list[str], steps: int) -> dict[str, Work]:
         p = self.fragment_of_round(round)
         # The previous round's result is applied τ steps into this round's training.
-        extra = {
-            "fragment": p,
-            "apply_at": self.delay_steps if round > 1 else 0,
-            "alpha": self.mix_alpha,
-        }
         return {
-            s: Work(
-                kind="train",
+            s: TrainWork(
                 steps=min(self.stride, steps),
                 names=self.fragments[p],
-                extra=dict(extra),
+                fragment=p,
+                apply_at=self.delay_steps if round > 1 else 0,
+                alpha=self.mix_alpha,
             )
             for s in silos
         }

@@ -20,7 +20,8 @@ from typing import Any
 import torch
 
 from fedtrain.aggregation.mean import Aggregator
-from fedtrain.strategies.base import Strategy, Work
+from fedtrain.protocol.work import Work, ZOWork
+from fedtrain.strategies.base import Strategy
 
 __all__ = [
     "MAX_RELATIVE_ERROR",
@@ -241,15 +242,15 @@ class ZerothOrder(Strategy):
         self._round_scale = 1.0
 
     def plan(self, round: int, silos: list[str], steps: int) -> dict[str, Work]:
-        extra = {
-            "shapes": {"codes": [self.samples]},
-            "zo_eps": self.eps,
-            "zo_scale": self.scale,
-            "zo_perturbation": self.perturbation,
-            "zo_names": self.names,
-        }
         return {
-            s: Work(kind="zo", steps=self.samples, names=["codes"], extra=dict(extra))
+            s: ZOWork(
+                steps=self.samples,
+                names=["codes"],
+                eps=self.eps,
+                scale=self.scale,
+                perturbation=self.perturbation,
+                perturbed=list(self.names),
+            )
             for s in silos
         }
 

@@ -1,12 +1,15 @@
+import copy
+
 import torch
 
 from fedtrain.client import SiloTrainer
 from fedtrain.config import TrainSection
 from fedtrain.data import TokenStream
 from fedtrain.models import PRESETS, build_model
+from fedtrain.optim import OptimizerFactory, lr_at
 
 
-def _trainer(**train) -> SiloTrainer:
+def _trainer(optimizer: OptimizerFactory | None = None, **train) -> SiloTrainer:
     tokens = torch.randint(0, 256, (4000,), generator=torch.Generator().manual_seed(0))
     cfg = TrainSection(**{"batch_size": 2, "seq_len": 16, "warmup_steps": 0, **train})
     return SiloTrainer(
@@ -15,7 +18,44 @@ def _trainer(**train) -> SiloTrainer:
         TokenStream(tokens, seed=0, stream_id="s"),
         cfg,
         total_steps=10,
+        optimizer=optimizer,
     )
+
+
+def test_an_injected_sgd_takes_exactly_the_plain_gradient_step():
+    # No warm-up and a floor of 1: the schedule is the constant lr; no clipping, one micro-batch.
+    t = _trainer(
+        optimizer=lambda named: torch.optim.SGD([p for _, p in named], lr=0.5),
+        lr=0.05,
+        min_lr_ratio=1.0,
+        grad_clip=0.0,
+    )
+    assert isinstance(t.optimizer, torch.optim.SGD)
+    lr = lr_at(0, t.cfg, t.total_steps)
+    assert lr == 0.05  # the trainer sets each step's lr over the factory's
+    ref = copy.deepcopy(t.model)
+    x, y = t.stream.batch(0, 0, 2, 16)
+    ref.loss(x, y).backward()
+    grads = {n: p.grad.detach().clone() for n, p in ref.named_parameters()}
+    before = {n: p.detach().clone() for n, p in ref.named_parameters()}
+    t.train(1)
+    eps = torch.finfo(torch.float32).eps
+    for n, p in t.params.items():
+        w, g, got = before[n], grads[n], p.detach()
+        # Same weights, batch and kernels give bitwise the same gradient, and plain SGD is
+        # w + (-lr)·g in one fused multiply-add (one rounding): exactly torch's add with alpha.
+        assert torch.equal(got, w.add(g, alpha=-lr)), n
+        # The unfused w - lr·g rounds twice: within one rounding of each term of the exact value.
+        plain = w - lr * g
+        assert ((got - plain).abs() <= eps * ((lr * g).abs() + plain.abs())).all(), n
+
+
+def test_the_default_inner_optimizer_is_adamw_from_the_config():
+    t = _trainer(lr=2e-3, weight_decay=0.05)
+    assert isinstance(t.optimizer, torch.optim.AdamW)
+    assert [g["weight_decay"] for g in t.optimizer.param_groups] == [0.05, 0.0]
+    clone = t.fresh_copy()
+    assert isinstance(clone.optimizer, torch.optim.AdamW) and clone.optimizer is not t.optimizer
 
 
 def test_gradient_accumulation_averages_the_micro_batches():

@@ -5,8 +5,8 @@ from fedtrain.client.worker import SiloWorker
 from fedtrain.config import TrainSection, TransportSection
 from fedtrain.data import TokenStream
 from fedtrain.models import PRESETS, build_model
+from fedtrain.protocol.work import TrainWork
 from fedtrain.storage.runstore import RunStore
-from fedtrain.strategies import Work
 from fedtrain.transport import decode_payload, encode_payload
 
 
@@ -44,12 +44,12 @@ def _broadcast(worker: SiloWorker, rnd: int, accepted: list[str]) -> bytes:
 
 def test_residual_advances_only_when_the_broadcast_acknowledges_this_silo():
     w = _worker()
-    result = w.work(1, Work(kind="train", steps=2))
+    result = w.work(1, TrainWork(steps=2))
     sent = decode_payload(result.payload).tensors
     assert w.feedback.residual == {}  # staged only
     w.receive(_broadcast(w, 1, accepted=["silo1"]))  # our update did not count
     assert w.feedback.residual == {}
-    w.work(2, Work(kind="train", steps=2))
+    w.work(2, TrainWork(steps=2))
     w.receive(_broadcast(w, 2, accepted=["silo0"]))  # acknowledged
     assert set(w.feedback.residual) == set(sent)
     assert any(t.abs().sum() > 0 for t in w.feedback.residual.values())
@@ -57,16 +57,16 @@ def test_residual_advances_only_when_the_broadcast_acknowledges_this_silo():
 
 def test_failed_round_without_broadcast_discards_the_staged_residual():
     w = _worker()
-    w.work(1, Work(kind="train", steps=1))
+    w.work(1, TrainWork(steps=1))
     w.receive(None)
     assert w.feedback.residual == {} and not w.feedback.has_pending
 
 
 def test_silo_state_survives_a_save_and_restore(tmp_path):
     w = _worker()
-    w.work(1, Work(kind="train", steps=2))
+    w.work(1, TrainWork(steps=2))
     w.receive(_broadcast(w, 1, accepted=["silo0"]))
-    _broadcast_pending = w.work(2, Work(kind="train", steps=1))  # staged, awaiting the ack
+    _broadcast_pending = w.work(2, TrainWork(steps=1))  # staged, awaiting the ack
     store = RunStore(tmp_path)
     tensors, meta = store.get_tensors(store.put_tensors(*w.state_tensors()))
     fresh = _worker()
@@ -85,7 +85,7 @@ def test_silo_state_survives_a_save_and_restore(tmp_path):
 
 def test_reply_is_the_compensated_pseudo_gradient_through_the_codec():
     w = _worker(ef=False)
-    result = w.work(1, Work(kind="train", steps=3))
+    result = w.work(1, TrainWork(steps=3))
     p = decode_payload(result.payload)
     assert p.codec == "int4" and p.meta["steps"] == 3 and p.meta["tokens"] == 3 * 2 * 16
     delta = w.trainer.pseudo_gradient()

@@ -10,7 +10,8 @@ from fedtrain.client.worker import SiloWorker
 from fedtrain.config import ConfigError, TrainSection, TransportSection, load_config
 from fedtrain.data import TokenStream
 from fedtrain.models import PRESETS, build_model
-from fedtrain.strategies import StreamingDiLoCo, Work
+from fedtrain.protocol.work import TrainWork
+from fedtrain.strategies import StreamingDiLoCo
 from fedtrain.strategies.streaming import fragment_at_step, split_fragments
 from fedtrain.transport import encode_payload
 
@@ -125,7 +126,7 @@ def test_alpha_zero_discards_exactly_the_tau_local_steps_of_that_fragment():
     merged, twin = _worker(), _worker()
     anchor = {n: merged.trainer.anchor[n].clone() for n in NAMES}
     tau = 2
-    work = Work(kind="train", steps=tau, names=frag, extra={"apply_at": tau, "alpha": 0.0})
+    work = TrainWork(steps=tau, names=frag, apply_at=tau, alpha=0.0)
     merged.handle(2, work, _update_for(merged, frag))
     twin.trainer.train(tau)  # the same τ local steps, no merge
     for n in NAMES:
@@ -140,7 +141,7 @@ def test_alpha_zero_discards_exactly_the_tau_local_steps_of_that_fragment():
 def test_alpha_one_leaves_local_weights_untouched():
     frag = split_fragments(NAMES, 4, 2)[0]
     mixed, ignored = _worker(), _worker()
-    work = Work(kind="train", steps=3, names=frag, extra={"apply_at": 1, "alpha": 1.0})
+    work = TrainWork(steps=3, names=frag, apply_at=1, alpha=1.0)
     mixed.handle(2, work, _update_for(mixed, frag))
     ignored.handle(2, work, None)
     for n in NAMES:
