@@ -33,7 +33,7 @@ _NUMBER = re.compile(r"(?<![\w.])(\d+)( *)")
 def flwr(
     args: Annotated[
         Optional[list[str]],
-        typer.Argument(help="Arguments for the Flower CLI, e.g. `ls`, `log RUN_ID --stream`."),
+        typer.Argument(help="Arguments for the Flower CLI, e.g. ls, or log RUN_ID --stream."),
     ] = None,
     run_dir: Annotated[
         Optional[Path],
@@ -48,9 +48,11 @@ def flwr(
         ),
     ] = None,
 ) -> None:
-    """Run the Flower CLI (`flwr`) against this run's SuperLink: `fedtrain flwr ls`, `fedtrain
-    flwr supernode ls`, `fedtrain flwr log RUN_ID`; node ids are shown with their silo names.
-    Options for fedtrain go before the Flower arguments."""
+    """Run the Flower CLI (flwr) against the run's SuperLink, silo names beside node ids.
+
+    E.g. `fedtrain flwr ls`, `fedtrain flwr supernode ls`, `fedtrain flwr log RUN_ID`.
+    Options for fedtrain go before the Flower arguments.
+    """
     with user_errors(ValueError, OSError):
         rc = run_flwr(list(args or []), _default_run_dir(config) if run_dir is None else run_dir)
     if rc:
