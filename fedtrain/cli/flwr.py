@@ -139,6 +139,7 @@ def run_flwr(args: list[str], run_dir: Path) -> int:
         return subprocess.run([exe, *args], env=env, check=False).returncode
     # Wide enough that Flower's tables do not fold a 20-digit node id over two lines.
     env.setdefault("COLUMNS", str(max(shutil.get_terminal_size((160, 24)).columns, 160)))
+    env["PYTHONUNBUFFERED"] = "1"  # flwr writes to a pipe now: keep `log --stream` live
     if "json" in args and "--format" in args:
         r = subprocess.run([exe, *args], env=env, stdout=subprocess.PIPE, text=True, check=False)
         try:
