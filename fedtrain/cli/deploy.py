@@ -1,4 +1,4 @@
-"""``fedtrain server``, ``fedtrain client`` and ``fedtrain keys``: a real deployment on Flower."""
+"""``fedtrain server`` and ``fedtrain client``: a real deployment on Flower."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import typer
 
 from fedtrain.cli.errors import user_errors
 
-__all__ = ["client", "keys_app", "server"]
+__all__ = ["client", "server"]
 
 
 def server(
@@ -21,8 +21,13 @@ def server(
         ),
     ] = None,
     address: Annotated[
-        str, typer.Option("--address", help="Public HOST:PORT silos connect to (Fleet API only).")
-    ] = "0.0.0.0:9092",
+        str,
+        typer.Option(
+            "--address",
+            help="Public HOST:PORT silos connect to (Fleet API only); pass 0.0.0.0:9092 "
+            "to accept silos on other machines.",
+        ),
+    ] = "127.0.0.1:9092",
     tls_dir: Annotated[
         Optional[Path],
         typer.Option("--tls-dir", help="Directory from `fedtrain keys init`: TLS + node auth on."),
@@ -104,32 +109,3 @@ def client(
         )
     if rc:
         raise typer.Exit(rc)
-
-
-keys_app = typer.Typer(help="Certificates and keys for a deployment.", no_args_is_help=True)
-
-
-@keys_app.command("init")
-def keys_init(
-    directory: Annotated[Path, typer.Argument(help="Where to write the keys.")],
-    silo: Annotated[
-        list[str], typer.Option("--silo", help="A silo to make keys for (repeatable).")
-    ],
-    san: Annotated[
-        Optional[list[str]],
-        typer.Option("--san", help="Host name or IP silos use to reach the coordinator."),
-    ] = None,
-    days: Annotated[int, typer.Option("--days", help="Certificate validity.")] = 365,
-) -> None:
-    """Create a CA, the SuperLink certificate and per-silo auth and signing keys."""
-    with user_errors(ValueError, OSError):
-        from fedtrain.transport.keys import init_keys
-
-        files = init_keys(directory, list(san or []), list(silo), days)
-        typer.echo(f"wrote {len(files)} files to {directory}")
-        typer.echo(f"  coordinator: fedtrain server --tls-dir {directory} ...")
-        for s in silo:
-            typer.echo(
-                f"  silo {s}: --tls-ca {directory}/ca.crt --auth-key {directory}/silos/{s}/auth_key"
-                f" --signing-key {directory}/silos/{s}/sign_key"
-            )

@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+from typing import Annotated
+
 import typer
 
 from fedtrain.cli import deploy as deploy_cmd
+from fedtrain.cli import flwr as flwr_cmd
+from fedtrain.cli import keys as keys_cmd
 from fedtrain.cli import report as report_cmd
 from fedtrain.cli import simulate as simulate_cmd
 from fedtrain.cli import store as store_cmd
@@ -24,12 +28,35 @@ app.command("sweep")(sweep_cmd.sweep)
 app.command("report")(report_cmd.report)
 app.command("server")(deploy_cmd.server)
 app.command("client")(deploy_cmd.client)
-app.add_typer(deploy_cmd.keys_app, name="keys")
+app.command(
+    "flwr",
+    context_settings={"allow_interspersed_args": False, "ignore_unknown_options": True},
+)(flwr_cmd.flwr)
+app.add_typer(keys_cmd.keys_app, name="keys")
 app.add_typer(store_cmd.app, name="store")
 
 
+def _version(value: bool) -> None:
+    if value:
+        from fedtrain import __version__
+
+        typer.echo(f"fedtrain {__version__}")
+        raise typer.Exit()
+
+
 @app.callback()
-def _root() -> None:
+def _root(
+    version: Annotated[
+        bool,
+        typer.Option(
+            "--version",
+            "-V",
+            help="Print the version and exit.",
+            callback=_version,
+            is_eager=True,
+        ),
+    ] = False,
+) -> None:
     """Federated, low-bandwidth LLM training across silos."""
 
 

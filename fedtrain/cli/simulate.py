@@ -6,7 +6,7 @@ import json
 import logging
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, Optional
+from typing import TYPE_CHECKING, Annotated, Any, Optional
 
 import typer
 
@@ -96,25 +96,59 @@ def _load(
     engine: str | None,
     resume: bool,
 ) -> Config:
-    """The run's config: with ``resume`` the one saved in ``run_dir`` (refusing --config, --set
-    and another --engine), else ``config`` with the --set overrides and --engine applied."""
+    """The run's config: with ``resume`` the one saved in ``run_dir`` (refusing another
+    --engine, and --config/--set unless they resolve to that same config), else ``config``
+    with the --set overrides and --engine applied."""
     from fedtrain.config import load_config
     from fedtrain.simulation.runner import load_run_config
 
+    chosen = [f"simulation.engine={json.dumps(engine)}"] if engine is not None else []
     if resume:
         if run_dir is None:
             raise ValueError("--resume needs --run-dir DIR (the run to continue)")
-        if config is not None or set_:
-            raise ValueError("--resume continues with the run's own config; drop --config/--set")
         cfg = load_run_config(run_dir)
         if engine is not None and engine != cfg.simulation.engine:
             raise ValueError(
                 f"--engine {engine}: the run in {run_dir} was started with "
                 f"simulation.engine = {cfg.simulation.engine!r}; drop --engine"
             )
+        if config is not None or set_:
+            # The same command repeated is fine; anything else would silently change the run.
+            differ = config_differences(load_config(config, [*(set_ or []), *chosen]), cfg)
+            if differ:
+                raise ValueError(
+                    f"--resume: the given config differs from the run's in {differ} "
+                    "(drop --config/--set to continue with the run's own)"
+                )
         return cfg
-    chosen = [f"simulation.engine={json.dumps(engine)}"] if engine is not None else []
     return load_config(config, [*(set_ or []), *chosen])
+
+
+def config_differences(given: Config, stored: Config, limit: int = 6) -> str:
+    """``key (given vs stored), ...`` for each differing config key (at most ``limit``
+    named); empty when the two resolve to the same config."""
+    from fedtrain.config import config_to_dict
+
+    a, b = _flat(config_to_dict(given)), _flat(config_to_dict(stored))
+    keys = [k for k in dict.fromkeys([*a, *b]) if a.get(k) != b.get(k)]
+    named = [f"{k} ({_show(a.get(k))} vs {_show(b.get(k))})" for k in keys[:limit]]
+    if len(keys) > limit:
+        named.append(f"and {len(keys) - limit} more")
+    return ", ".join(named)
+
+
+def _flat(data: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in data.items():
+        if isinstance(v, dict) and v:
+            out.update(_flat(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def _show(value: Any) -> str:
+    return "unset" if value is None else json.dumps(value, default=str)
 
 
 def _analytic_line(summary: dict[str, object], out: Path) -> str:

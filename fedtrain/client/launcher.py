@@ -13,6 +13,7 @@ resumes where the silo was.
 from __future__ import annotations
 
 import hashlib
+import json
 import socket
 import ssl
 import sys
@@ -30,7 +31,7 @@ from fedtrain.runtime.children import (
     tail,
 )
 
-__all__ = ["ClientOptions", "run_client"]
+__all__ = ["ClientOptions", "check_data", "run_client"]
 
 
 @dataclass(slots=True)
@@ -72,6 +73,67 @@ def _check(opts: ClientOptions) -> None:
         )
     if opts.auth_key is not None and opts.tls_ca is None:
         raise ValueError("--auth-key needs --tls-ca: node authentication runs over TLS")
+    if opts.data is not None:
+        check_data(opts.data)
+
+
+_SAMPLE_BYTES = 1 << 14
+"""How much of each --data file is read to check it is text (never the whole file)."""
+
+
+def check_data(url: str) -> int:
+    """Check ``--data`` before anything starts: it matches files (path, glob or fsspec URL, as
+    :func:`fedtrain.data.corpus.read_text_documents` reads it) and their first bytes are UTF-8
+    text (jsonl: a first line with a 'text' field), not all empty. Returns the file count;
+    ValueError (one line) otherwise."""
+    import fsspec
+
+    try:
+        files = fsspec.open_files(url, mode="rb")
+    except (OSError, ValueError, ImportError) as e:
+        raise ValueError(f"--data {url!r}: cannot open: {e}") from None
+    if not files:
+        raise ValueError(f"--data {url!r}: no files match")
+    empty = True
+    for of in files:
+        try:
+            with of as f:
+                head = f.read(_SAMPLE_BYTES + 1)
+        except FileNotFoundError:
+            raise ValueError(f"--data {url!r}: no such file ({of.path})") from None
+        except OSError as e:
+            raise ValueError(f"--data {url!r}: cannot read {of.path}: {e}") from None
+        try:
+            text = _sample_text(of.path, head[:_SAMPLE_BYTES], len(head) <= _SAMPLE_BYTES)
+        except ValueError as e:
+            raise ValueError(f"--data {url!r}: {e}") from None
+        empty = empty and not text.strip()
+    if empty:
+        raise ValueError(f"--data {url!r}: no text found ({len(files)} file(s), all empty)")
+    return len(files)
+
+
+def _sample_text(path: str, head: bytes, complete: bool) -> str:
+    """The decoded start of one --data file; ValueError when it is binary or bad jsonl."""
+    import codecs
+
+    if b"\0" in head:
+        raise ValueError(f"{path} is not a text file (binary data)")
+    try:
+        # A sample cut mid-character is fine (the decoder keeps the partial tail back); an
+        # invalid byte anywhere before the cut is not.
+        text = codecs.getincrementaldecoder("utf-8")().decode(head, final=complete)
+    except UnicodeDecodeError:
+        raise ValueError(f"{path} is not UTF-8 text") from None
+    if path.endswith(".jsonl"):
+        whole = text if complete else text[: text.rfind("\n") + 1]
+        first = next((ln for ln in whole.splitlines() if ln.strip()), None)
+        if first is not None:
+            try:
+                json.loads(first)["text"]
+            except (json.JSONDecodeError, KeyError, TypeError):
+                raise ValueError(f"{path}: expected JSON lines with a 'text' field") from None
+    return text
 
 
 _REFUSALS = (

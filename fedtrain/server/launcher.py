@@ -54,7 +54,7 @@ class LaunchError(RuntimeError):
 class ServerOptions:
     config: Path | None
     run_dir: Path | None
-    address: str = "0.0.0.0:9092"
+    address: str = "127.0.0.1:9092"
     tls_dir: Path | None = None
     overrides: tuple[str, ...] = ()
     join_timeout_s: float = 600.0
