@@ -41,7 +41,7 @@ if TYPE_CHECKING:
     from fedtrain.config import Config
     from fedtrain.server.proxy import FleetProxy
 
-__all__ = ["ServerOptions", "run_server"]
+__all__ = ["ServerOptions", "check_deployable", "run_server"]
 
 log = logging.getLogger("fedtrain")
 
@@ -178,6 +178,18 @@ def _register_keys(env: dict[str, str], tls_dir: Path) -> list[str]:
     return done
 
 
+def check_deployable(cfg: Config) -> None:
+    """Refuse, before anything starts, a strategy that cannot run in deployment."""
+    from fedtrain.strategies.registry import setting, spec_for
+
+    spec = spec_for(cfg)
+    if "deploy" not in spec.engines:
+        raise ValueError(
+            f"{setting(spec, cfg)}: strategy {spec.name!r} is not available in deployment "
+            f"(it runs on: {', '.join(sorted(spec.engines))}); use `fedtrain simulate`"
+        )
+
+
 def _resolve_run(opts: ServerOptions) -> tuple[Path, Config, Path]:
     """The config file, its loaded config and the run directory; refuses what cannot be
     deployed, a finished run and a run directory holding a different config."""
@@ -185,11 +197,7 @@ def _resolve_run(opts: ServerOptions) -> tuple[Path, Config, Path]:
 
     config_path = opts.config or packaged_example("deploy")
     cfg = load_config(config_path, list(opts.overrides))
-    if cfg.strategy.coding != "off" or cfg.strategy.scheduling != "sync":
-        raise ValueError(
-            "strategy.coding and strategy.scheduling='compass' are simulation-only for now "
-            "(use `fedtrain simulate`); deployed rounds are synchronous and uncoded"
-        )
+    check_deployable(cfg)
     run_dir = (opts.run_dir or Path("runs") / cfg.run.name).resolve()
     if (run_dir / "summary.json").exists():
         raise ValueError(f"{run_dir}: the run already finished; choose another --run-dir")

@@ -172,15 +172,16 @@ def model_size(cfg: Config) -> tuple[float, int]:
 
 
 def _method(cfg: Config) -> str:
-    name = cfg.strategy.name
-    if name not in METHODS:
-        raise ConfigError(f"strategy.name: analytic mode models {', '.join(METHODS)}, not {name!r}")
-    if cfg.strategy.coding != "off" or cfg.strategy.scheduling != "sync":
+    from fedtrain.strategies.registry import setting, spec_for
+
+    spec = spec_for(cfg)
+    method = spec.analytic
+    if method is None or method not in METHODS:
         raise ConfigError(
-            "strategy.coding / strategy.scheduling: analytic mode models synchronous rounds "
-            "without gradient coding"
+            f"{setting(spec, cfg)}: analytic mode models synchronous rounds without gradient "
+            f"coding of {', '.join(METHODS)}, not strategy {spec.name!r}"
         )
-    return name
+    return method
 
 
 @dataclass(kw_only=True, slots=True)

@@ -25,6 +25,7 @@ from fedtrain.config import Config
 from fedtrain.protocol.work import Work
 from fedtrain.server.deploy import DeploymentError, FlowerEngine, engine_factory
 from fedtrain.server.engine import Reply
+from fedtrain.strategies.registry import setting, spec_for
 
 __all__ = ["SimulatedFlowerEngine", "check_flower_config", "simulate_flower"]
 
@@ -39,15 +40,12 @@ class Interrupted(RuntimeError):
 def check_flower_config(cfg: Config) -> None:
     """Refuse, with one line naming the setting, what the Flower engine cannot run."""
     engine = "simulation.engine = 'flower'"
-    if cfg.strategy.name in ("ddp", "zo"):
+    spec = spec_for(cfg)
+    if "flower" not in spec.engines:
         raise ValueError(
-            f"strategy.name = {cfg.strategy.name!r} is not available with {engine} (as in "
-            "deployment); use simulation.engine = 'inprocess'"
-        )
-    if cfg.strategy.coding != "off" or cfg.strategy.scheduling != "sync":
-        raise ValueError(
-            f"strategy.coding and strategy.scheduling = 'compass' need the in-process engine; "
-            f"{engine} runs synchronous, uncoded rounds (as a deployment does)"
+            f"{setting(spec, cfg)}: strategy {spec.name!r} is not available with {engine} "
+            "(it runs synchronous, uncoded rounds, as a deployment does); use "
+            "simulation.engine = 'inprocess'"
         )
     if cfg.simulation.bursty_b or any(p.dropout for p in cfg.simulation.profiles):
         raise ValueError(

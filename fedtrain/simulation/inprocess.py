@@ -26,6 +26,7 @@ from fedtrain.models.llama import Llama
 from fedtrain.protocol.work import TrainWork, Work
 from fedtrain.server.engine import Reply
 from fedtrain.simulation.clock import SiloTiming, StragglerModel, VirtualClock, profile_step_time
+from fedtrain.strategies.registry import spec_for
 from fedtrain.transport.payload import decode_payload
 
 __all__ = ["InProcessEngine", "measure_step_time"]
@@ -73,7 +74,8 @@ class InProcessEngine:
             name: Ed25519PrivateKey.generate() if cfg.transport.sign_updates else None
             for name in self.silos
         }
-        coded = cfg.strategy.coding != "off"
+        spec = spec_for(cfg)
+        coded = spec.replicated_shards
         # Coded work replicates the public shards (shard j = silo j's public share); the config
         # refuses coding when any silo has private data.
         shard_streams = [
@@ -124,7 +126,7 @@ class InProcessEngine:
         """Virtual time at which each silo finished its last work (it may train on from there)."""
         self._inflight: list[tuple[float, int, Reply, tuple[float, float, float] | None]] = []
         """Replies not yet taken: (virtual arrival, silo index, reply, (start, end, compute))."""
-        self.keep_late = cfg.strategy.scheduling == "compass"
+        self.keep_late = spec.async_replies
         """Semi-async rounds: work in flight at a round's close arrives in a later round."""
         self._backlog: dict[int, bytes] = {}
         """Broadcast of round r (keep_late only), until every silo has applied it."""

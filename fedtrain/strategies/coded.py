@@ -11,7 +11,7 @@ shards: silos with private data are never given coded work (the config refuses i
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -20,8 +20,12 @@ from fedtrain.aggregation.mean import Aggregator
 from fedtrain.protocol.work import CodedWork, Work
 from fedtrain.strategies.diloco import DiLoCo
 from fedtrain.strategies.gradient_coding import Decoding, choose_construction, decode
+from fedtrain.strategies.registry import BuildContext, StrategySpec
 
-__all__ = ["CodedDiLoCo", "CodedSum"]
+if TYPE_CHECKING:
+    from fedtrain.config import Config
+
+__all__ = ["SPEC", "CodedDiLoCo", "CodedSum"]
 
 
 class CodedSum(Aggregator):
@@ -140,3 +144,71 @@ class CodedDiLoCo(DiLoCo):
 
     def new_aggregator(self) -> CodedSum:
         return CodedSum(self.b, self._silos, self._steps * self.tokens_per_step)
+
+
+CODABLE = ("diloco", "fedavg")
+"""``strategy.name`` values whose rounds can be gradient-coded."""
+
+
+def _check(cfg: Config) -> None:
+    from fedtrain.config.errors import check
+
+    st = cfg.strategy
+    check(
+        st.name in CODABLE,
+        "strategy.coding",
+        f"'off' with strategy.name = {st.name!r} (coded rounds are DiLoCo/FedAvg rounds)",
+        st.coding,
+    )
+    check(
+        st.stragglers < cfg.data.silos,
+        "strategy.stragglers",
+        f"less than data.silos = {cfg.data.silos}",
+        st.stragglers,
+    )
+    check(
+        st.scheduling == "sync",
+        "strategy.scheduling",
+        "'sync' with gradient coding (a coded round needs every shard from one start)",
+        st.scheduling,
+    )
+
+
+def _build(cfg: Config, params: dict[str, torch.nn.Parameter], ctx: BuildContext) -> CodedDiLoCo:
+    from fedtrain.strategies.diloco import outer_settings
+
+    s = cfg.strategy
+    return CodedDiLoCo(
+        params,
+        silos=cfg.data.silos,
+        stragglers=s.stragglers,
+        coding=s.coding,
+        inner_steps=cfg.train.inner_steps,
+        tokens_per_step=cfg.train.tokens_per_step,
+        **outer_settings(s),
+    )
+
+
+SPEC = StrategySpec(
+    name="coded",
+    summary="Gradient-coded DiLoCo rounds (Tandon et al. 2017) over replicated public shards",
+    selected_by="coding",
+    fields=("coding", "stragglers", "outer_lr", "outer_momentum", "nesterov"),
+    # Coded work needs every silo to hold the public shards; deployed rounds are uncoded.
+    engines=frozenset({"inprocess"}),
+    error_feedback=False,
+    private_data=False,
+    replicated_shards=True,
+    reasons={
+        "error_feedback": "the decode coefficients would mix each silo's residual into the sum",
+        "private_data": "coding replicates shards across silos, and private data is never "
+        "replicated",
+        "trees": "the gradient-code decode needs each reply with its own coefficient, known "
+        "only when the round closes",
+        "robust": "gradient-code decode",
+    },
+    steps_per_round=lambda cfg: cfg.train.inner_steps,
+    check=_check,
+    build=_build,
+)
+"""Coded rounds (``strategy.coding != 'off'``)."""

@@ -23,15 +23,20 @@ import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from fedtrain.aggregation.mean import StreamingMean
 from fedtrain.protocol.work import TrainWork, Work
-from fedtrain.strategies.diloco import DiLoCo
+from fedtrain.strategies.diloco import DiLoCo, outer_settings
+from fedtrain.strategies.registry import BuildContext, StrategySpec
+
+if TYPE_CHECKING:
+    from fedtrain.config import Config
 
 __all__ = [
+    "SPEC",
     "Assignment",
     "CompassDiLoCo",
     "CompassMean",
@@ -185,7 +190,7 @@ class CompassDiLoCo(DiLoCo):
         super().__init__(params, inner_steps=inner_steps, **outer)
         self.scheduler = CompassScheduler(q_min, q_max)
         self.clock = clock or time.monotonic
-        """Seconds now: the engine's virtual clock in simulation (set by the runner)."""
+        """Seconds now: the engine's virtual clock in simulation (given at construction)."""
         self.outstanding: dict[str, tuple[int, float, int]] = {}
         """Silo -> (group, dispatched at, steps) of its work in flight."""
         self._agg: CompassMean | None = None
@@ -280,3 +285,49 @@ class CompassDiLoCo(DiLoCo):
         self.outstanding = {
             s: (int(g), float(t), int(q)) for s, (g, t, q) in c["outstanding"].items()
         }
+
+
+def _check(cfg: Config) -> None:
+    from fedtrain.config.errors import check
+
+    st = cfg.strategy
+    check(
+        st.name in ("diloco", "fedavg"),
+        "strategy.scheduling",
+        f"'sync' with strategy.name = {st.name!r} (compass schedules DiLoCo rounds)",
+        st.scheduling,
+    )
+
+
+def _build(cfg: Config, params: dict[str, torch.nn.Parameter], ctx: BuildContext) -> CompassDiLoCo:
+    s = cfg.strategy
+    return CompassDiLoCo(
+        params,
+        inner_steps=cfg.train.inner_steps,
+        q_min=s.q_min,
+        q_max=s.q_max,
+        weighting=s.weighting,
+        clock=ctx.clock,
+        **outer_settings(s),
+    )
+
+
+SPEC = StrategySpec(
+    name="compass",
+    summary="DiLoCo with FedCompass scheduling (Li et al. ICLR 2024): per-silo H_i, groups",
+    selected_by="scheduling",
+    fields=("scheduling", "q_min", "q_max", "weighting", "outer_lr", "outer_momentum", "nesterov"),
+    # Semi-asynchronous rounds need the in-process engine; deployed rounds are synchronous.
+    engines=frozenset({"inprocess"}),
+    error_feedback=False,
+    async_replies=True,
+    reasons={
+        "error_feedback": "a silo may miss several broadcasts, so the acknowledgement of its "
+        "update is not in the next one",
+        "trees": "compass merges arrival groups with staleness weights in its own aggregator",
+    },
+    steps_per_round=lambda cfg: cfg.train.inner_steps,
+    check=_check,
+    build=_build,
+)
+"""Compass scheduling (``strategy.scheduling = 'compass'``)."""

@@ -7,7 +7,7 @@ hyper-parameters), then broadcasts the update. Its bytes are what data-parallel 
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -15,8 +15,12 @@ from fedtrain.config import TrainSection
 from fedtrain.optim import lr_at, make_adamw
 from fedtrain.protocol.work import GradWork, Work
 from fedtrain.strategies.base import OuterOptimizerStrategy
+from fedtrain.strategies.registry import BuildContext, StrategySpec
 
-__all__ = ["DataParallel"]
+if TYPE_CHECKING:
+    from fedtrain.config import Config
+
+__all__ = ["SPEC", "DataParallel"]
 
 
 class DataParallel(OuterOptimizerStrategy):
@@ -54,3 +58,21 @@ class DataParallel(OuterOptimizerStrategy):
     def load_state_tensors(self, tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> None:
         super().load_state_tensors(tensors, meta)
         self.steps_taken = int(meta["steps_taken"])
+
+
+def _build(cfg: Config, params: dict[str, torch.nn.Parameter], ctx: BuildContext) -> DataParallel:
+    return DataParallel(params, train=cfg.train, total_steps=cfg.total_inner_steps())
+
+
+_GRADIENTS = "one step's gradients feed AdamW at the coordinator, not a weighted mean of updates"
+SPEC = StrategySpec(
+    name="ddp",
+    summary="Data-parallel baseline: AdamW on the mean gradient of all silos, one step a round",
+    # The silo daemon runs only 'train' work: 'grad' work is not available in deployment yet.
+    engines=frozenset({"inprocess"}),
+    reasons={"trees": _GRADIENTS, "robust": _GRADIENTS},
+    analytic="ddp",
+    steps_per_round=lambda cfg: 1,
+    build=_build,
+)
+"""The data-parallel baseline."""

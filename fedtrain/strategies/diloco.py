@@ -7,14 +7,18 @@ special case outer lr 1.0 without momentum — the same code with other numbers.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from fedtrain.protocol.work import TrainWork, Work
 from fedtrain.strategies.base import AggregationPlugin, OuterOptimizerStrategy
+from fedtrain.strategies.registry import BuildContext, StrategySpec
 
-__all__ = ["DiLoCo"]
+if TYPE_CHECKING:
+    from fedtrain.config import Config, StrategySection
+
+__all__ = ["SPECS", "DiLoCo", "aggregation_for", "outer_settings"]
 
 
 class DiLoCo(OuterOptimizerStrategy):
@@ -75,3 +79,61 @@ class DiLoCo(OuterOptimizerStrategy):
 
     def step(self, mean_update: dict[str, torch.Tensor], round: int) -> None:
         self._apply_grads(mean_update)
+
+
+def outer_settings(s: StrategySection) -> dict[str, Any]:
+    """Outer optimizer settings: the configured ones, or FedAvg's (SGD lr 1, no momentum)."""
+    if s.name == "fedavg":
+        return {"lr": 1.0, "momentum": 0.0, "nesterov": False}
+    return {"lr": s.outer_lr, "momentum": s.outer_momentum, "nesterov": s.nesterov}
+
+
+def aggregation_for(cfg: Config, params: dict[str, torch.nn.Parameter]) -> Any:
+    """The configured robust aggregator, tree or int64 sum (None: the flat fp32 mean)."""
+    s = cfg.strategy
+    if s.aggregator != "mean":  # config load refuses robust aggregators with trees / int64
+        from fedtrain.aggregation.robust import RobustAggregation
+
+        return RobustAggregation(s.aggregator, s.trim_fraction, s.clip_norm)
+    from fedtrain.aggregation.tree import aggregation_from_config
+
+    return aggregation_from_config(cfg, numel=sum(p.numel() for p in params.values()))
+
+
+def _build(cfg: Config, params: dict[str, torch.nn.Parameter], ctx: BuildContext) -> DiLoCo:
+    return DiLoCo(
+        params,
+        inner_steps=cfg.train.inner_steps,
+        weighting=cfg.strategy.weighting,
+        aggregation=aggregation_for(cfg, params),
+        **outer_settings(cfg.strategy),
+    )
+
+
+def _inner_steps(cfg: Config) -> int:
+    return cfg.train.inner_steps
+
+
+_ROBUST = ("aggregator", "trim_fraction", "clip_norm")
+SPECS = (
+    StrategySpec(
+        name="diloco",
+        summary="DiLoCo (Douillard et al. 2023): outer Nesterov SGD on averaged pseudo-gradients",
+        fields=("outer_lr", "outer_momentum", "nesterov", "weighting", *_ROBUST),
+        trees=True,
+        robust=True,
+        analytic="diloco",
+        steps_per_round=_inner_steps,
+        build=_build,
+    ),
+    StrategySpec(
+        name="fedavg",
+        summary="FedAvg (McMahan et al. 2017): DiLoCo with outer SGD lr 1 and no momentum",
+        fields=("weighting", *_ROBUST),
+        trees=True,
+        robust=True,
+        steps_per_round=_inner_steps,
+        build=_build,
+    ),
+)
+"""DiLoCo and its FedAvg preset."""

@@ -12,7 +12,7 @@ and is merged as θ_p ← α·θ_p,local + (1−α)·θ̃_p. Each fragment has i
 from __future__ import annotations
 
 import re
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -23,10 +23,19 @@ from fedtrain.strategies.base import (
     optimizer_from_tensors,
     optimizer_to_tensors,
 )
+from fedtrain.strategies.registry import BuildContext, StrategySpec
 
-__all__ = ["StreamingDiLoCo", "fragment_at_step", "split_fragments"]
+if TYPE_CHECKING:
+    from fedtrain.config import Config
+
+__all__ = ["SPEC", "StreamingDiLoCo", "count_layers", "fragment_at_step", "split_fragments"]
 
 _BLOCK = re.compile(r"^layers\.(\d+)\.")
+
+
+def count_layers(names: list[str]) -> int:
+    """Transformer blocks among parameter ``names``: distinct ``layers.<i>.`` indices."""
+    return len({m.group(1) for n in names if (m := _BLOCK.match(n))})
 
 
 def split_fragments(
@@ -72,7 +81,7 @@ class StreamingDiLoCo(Strategy):
         self,
         params: dict[str, torch.nn.Parameter],
         *,
-        n_layers: int,
+        n_layers: int | None = None,
         inner_steps: int,
         fragments: int,
         pattern: str = "strided",
@@ -95,6 +104,8 @@ class StreamingDiLoCo(Strategy):
             )
         if not 0.0 <= mix_alpha <= 1.0:
             raise ValueError(f"mix α={mix_alpha} must be in [0, 1]")
+        if n_layers is None:  # the model it is given, not a preset table
+            n_layers = count_layers(list(params))
         self.fragments = split_fragments(list(params), n_layers, fragments, pattern)
         self.inner_steps = inner_steps
         self.stride = inner_steps // fragments
@@ -159,3 +170,69 @@ class StreamingDiLoCo(Strategy):
         for opt, frag, m in zip(self.optimizers, self.fragments, meta["fragments"], strict=True):
             own = {k: v for k, v in tensors.items() if k.rpartition("::")[0] in set(frag)}
             optimizer_from_tensors(opt, {n: self.params[n] for n in frag}, own, m)
+
+
+def _check(cfg: Config) -> None:
+    """Fragments sync every H/P steps, one at a time: P divides H and τ < H/P."""
+    from fedtrain.config.errors import check
+
+    h, p, tau = cfg.train.inner_steps, cfg.strategy.fragments, cfg.strategy.delay_steps
+    check(
+        h % p == 0,
+        "strategy.fragments",
+        f"a divisor of train.inner_steps = {h} (fragments sync every H/P steps)",
+        p,
+    )
+    check(
+        tau < h // p,
+        "strategy.delay_steps",
+        f"less than H/P = {h // p} (one fragment in flight at a time)",
+        tau,
+    )
+
+
+def _build(
+    cfg: Config, params: dict[str, torch.nn.Parameter], ctx: BuildContext
+) -> StreamingDiLoCo:
+    from fedtrain.strategies.diloco import aggregation_for
+
+    s = cfg.strategy
+    return StreamingDiLoCo(
+        params,
+        inner_steps=cfg.train.inner_steps,
+        fragments=s.fragments,
+        pattern=s.fragment_pattern,
+        delay_steps=s.delay_steps,
+        mix_alpha=s.mix_alpha,
+        lr=s.outer_lr,
+        momentum=s.outer_momentum,
+        nesterov=s.nesterov,
+        weighting=s.weighting,
+        aggregation=aggregation_for(cfg, params),
+    )
+
+
+SPEC = StrategySpec(
+    name="streaming",
+    summary="Streaming DiLoCo (Douillard et al. 2025): fragment-wise syncs overlapping training",
+    fields=(
+        "fragments",
+        "fragment_pattern",
+        "delay_steps",
+        "mix_alpha",
+        "outer_lr",
+        "outer_momentum",
+        "nesterov",
+        "weighting",
+        "aggregator",
+        "trim_fraction",
+        "clip_norm",
+    ),
+    trees=True,
+    robust=True,
+    analytic="streaming",
+    steps_per_round=lambda cfg: cfg.train.inner_steps // cfg.strategy.fragments,
+    check=_check,
+    build=_build,
+)
+"""Streaming DiLoCo."""

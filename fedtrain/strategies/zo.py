@@ -15,16 +15,21 @@ import hashlib
 import math
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from fedtrain.aggregation.mean import Aggregator
 from fedtrain.protocol.work import Work, ZOWork
 from fedtrain.strategies.base import Strategy
+from fedtrain.strategies.registry import BuildContext, StrategySpec
+
+if TYPE_CHECKING:
+    from fedtrain.config import Config
 
 __all__ = [
     "MAX_RELATIVE_ERROR",
+    "SPEC",
     "CodeCollector",
     "ZerothOrder",
     "catch_up",
@@ -327,3 +332,30 @@ def catch_up(
         replay(params, entries, run_id=run_id, lr=lr, scale=scale, kind=kind)
         scale = next_scale([e.code for e in entries], scale)
     return scale
+
+
+def _build(cfg: Config, params: dict[str, torch.nn.Parameter], ctx: BuildContext) -> ZerothOrder:
+    s = cfg.strategy
+    return ZerothOrder(
+        params,
+        run_id=ctx.run_id,
+        samples=s.zo_samples_per_round,
+        lr=s.zo_lr,
+        eps=s.zo_eps,
+        perturbation=s.zo_perturbation,
+        trainable=s.zo_trainable,
+    )
+
+
+_ONE_BYTE = "its replies are one-byte projected gradients replayed by every party, not a mean"
+SPEC = StrategySpec(
+    name="zo",
+    summary="Zeroth-order SPSA (MeZO-style): K one-byte projected gradients per silo and round",
+    fields=("zo_samples_per_round", "zo_eps", "zo_lr", "zo_perturbation", "zo_trainable"),
+    # The silo daemon runs only 'train' work: zo work is not available in deployment yet.
+    engines=frozenset({"inprocess"}),
+    reasons={"trees": _ONE_BYTE, "robust": _ONE_BYTE},
+    steps_per_round=lambda cfg: cfg.strategy.zo_samples_per_round,
+    build=_build,
+)
+"""Zeroth-order training."""

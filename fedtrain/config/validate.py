@@ -1,0 +1,135 @@
+"""Rules across sections, run when a :class:`~fedtrain.config.Config` is made.
+
+What a strategy can be combined with (trees, robust aggregators, error feedback, private data)
+is what its :class:`~fedtrain.strategies.registry.StrategySpec` declares; a refusal names the
+strategy and the setting that selected it. The registry is imported inside the function: the
+strategies import this package, not the other way round.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from fedtrain.config.errors import ConfigError
+from fedtrain.config.errors import check as _check
+
+if TYPE_CHECKING:
+    from fedtrain.config.root import Config
+    from fedtrain.strategies.registry import StrategySpec
+
+__all__ = ["check_config"]
+
+
+def check_config(cfg: Config) -> None:
+    """Raise :class:`ConfigError` for the first rule across sections that ``cfg`` breaks."""
+    from fedtrain.strategies.registry import spec_for
+
+    if cfg.simulation.profiles:
+        total = sum(p.count for p in cfg.simulation.profiles)
+        _check(
+            total == cfg.data.silos,
+            "simulation.profiles",
+            f"counts adding up to data.silos = {cfg.data.silos}",
+            f"{total} silos",
+        )
+    _check(
+        cfg.round.min_silos <= cfg.data.silos,
+        "round.min_silos",
+        f"at most data.silos = {cfg.data.silos}",
+        cfg.round.min_silos,
+    )
+    spec = spec_for(cfg)
+    if spec.check is not None:
+        spec.check(cfg)
+    _check_strategy(cfg, spec)
+    _check_tree(cfg, spec)
+    _check_robust(cfg, spec)
+    names = set(cfg.silo_names())
+    for fault in cfg.faults.inject:
+        silo = fault.partition("@")[2].partition(":")[0]
+        _check(silo in names, "faults.inject", f"silos among {sorted(names)}", fault)
+    for silo in cfg.data.silo_data:
+        _check(silo in names, "data.silo_data", f"keys among silo names {sorted(names)}", silo)
+
+
+def _check_strategy(cfg: Config, spec: StrategySpec) -> None:
+    """Stragglers, private data and error feedback against what ``spec`` supports."""
+    from fedtrain.strategies.registry import setting
+
+    st, chosen = cfg.strategy, setting(spec, cfg)
+    if st.stragglers and "stragglers" not in spec.fields:
+        _check(False, "strategy.stragglers", "0 unless strategy.coding is set", st.stragglers)
+    if cfg.data.silo_data and not spec.private_data:
+        key = f"strategy.{spec.selected_by}"
+        value = getattr(st, spec.selected_by)
+        default = {"coding": "'off'", "scheduling": "'sync'"}.get(spec.selected_by, "another")
+        _check(
+            False,
+            key,
+            f"{default} when silos train on private data (data.silo_data): strategy "
+            f"{spec.name!r} does not support private data{spec.why('private_data')}",
+            value,
+        )
+    _check(
+        spec.error_feedback or not cfg.transport.error_feedback,
+        "transport.error_feedback",
+        f"false with {chosen}: strategy {spec.name!r} does not support error feedback"
+        f"{spec.why('error_feedback')}",
+        cfg.transport.error_feedback,
+    )
+
+
+def _check_tree(cfg: Config, spec: StrategySpec) -> None:
+    from fedtrain.aggregation.shape import parse_tree
+    from fedtrain.strategies.registry import setting
+
+    r = cfg.round
+    try:
+        tree = parse_tree(r.tree, cfg.data.silos)
+    except ValueError as e:
+        raise ConfigError(f"round.tree: {r.tree!r} is not allowed; expected {e}") from None
+    if tree is None and r.accumulate == "float":
+        return
+    key, value = ("round.tree", r.tree) if tree is not None else ("round.accumulate", "int64")
+    off = "0 (flat)" if tree is not None else "'float'"
+    _check(
+        spec.trees,
+        key,
+        f"{off} with {setting(spec, cfg)}: strategy {spec.name!r} does not support aggregation "
+        f"trees or int64 sums{spec.why('trees')}",
+        value,
+    )
+
+
+def _check_robust(cfg: Config, spec: StrategySpec) -> None:
+    from fedtrain.strategies.registry import setting
+
+    st, r = cfg.strategy, cfg.round
+    kinds = ("mean", "median", "trimmed_mean", "clipped_mean")
+    _check(st.aggregator in kinds, "strategy.aggregator", f"one of {list(kinds)}", st.aggregator)
+    _check(
+        0.0 <= st.trim_fraction < 0.5,
+        "strategy.trim_fraction",
+        "a number in [0, 0.5)",
+        st.trim_fraction,
+    )
+    _check(st.clip_norm > 0, "strategy.clip_norm", "a number > 0", st.clip_norm)
+    if st.aggregator == "mean":
+        return
+    why = (
+        "holds every update of the round in memory"
+        if st.aggregator != "clipped_mean"
+        else "clips each update before the sum"
+    )
+    unsupported = f"strategy {spec.name!r} does not support robust aggregators{spec.why('robust')}"
+    for ok, other in (
+        (spec.robust, f"{setting(spec, cfg)} ({unsupported})"),
+        (r.tree in (0, []), f"round.tree = {r.tree!r} (hierarchical partial sums)"),
+        (r.accumulate == "float", f"round.accumulate = {r.accumulate!r} (int64 sums)"),
+    ):
+        _check(
+            ok,
+            "strategy.aggregator",
+            f"'mean' with {other}: {st.aggregator} {why} and cannot combine with it",
+            st.aggregator,
+        )
