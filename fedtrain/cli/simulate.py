@@ -59,7 +59,7 @@ def simulate(
     --engine flower, under Flower's simulation runtime)."""
     with user_errors(ValueError, RuntimeError, OSError):
         from fedtrain.config import load_config
-        from fedtrain.simulation.runner import load_run_config
+        from fedtrain.run import load_run_config
         from fedtrain.simulation.runner import simulate as run_simulation
 
         logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")

@@ -28,7 +28,7 @@ _WHERE = {
     "Quorum": "fedtrain.server.closing",
     "close_condition": "fedtrain.server.closing",
     "Coordinator": "fedtrain.server.coordinator",
-    "RunTotals": "fedtrain.server.coordinator",
+    "RunTotals": "fedtrain.server.totals",
     "Engine": "fedtrain.server.engine",
     "Reply": "fedtrain.server.engine",
     "UpdateRejected": "fedtrain.server.validate",

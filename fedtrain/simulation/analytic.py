@@ -213,7 +213,7 @@ def analytic_run(cfg: Config, run_dir: Path, *, quiet: bool = True) -> dict[str,
     rounds = math.ceil(total / per_round)
     frag_layers = layers // fragments
     tau = cfg.strategy.delay_steps if method == "streaming" else 0
-    from fedtrain.simulation.runner import check_run_dir
+    from fedtrain.run import check_run_dir
 
     check_run_dir(run_dir, resume=False)
     run_dir.mkdir(parents=True, exist_ok=True)

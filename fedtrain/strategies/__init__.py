@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -32,9 +33,14 @@ def _outer(s: StrategySection) -> dict[str, Any]:
 
 
 def build_strategy(
-    cfg: Config, params: dict[str, torch.nn.Parameter], run_id: str = ""
+    cfg: Config,
+    params: dict[str, torch.nn.Parameter],
+    *,
+    run_id: str = "",
+    clock: Callable[[], float | None] | None = None,
 ) -> Strategy:
-    """The strategy named by ``cfg.strategy.name`` over the global ``params``."""
+    """The strategy named by ``cfg.strategy.name`` over the global ``params``; ``clock`` is
+    the engine's (seconds now, None: real time) for strategies that schedule by time."""
     s = cfg.strategy
     if s.coding != "off":
         from fedtrain.strategies.coded import CodedDiLoCo
@@ -57,6 +63,7 @@ def build_strategy(
             q_min=s.q_min,
             q_max=s.q_max,
             weighting=s.weighting,
+            clock=clock,
             **_outer(s),
         )
     # Tree / int64 aggregation (config load refuses it for the strategies above and below).
