@@ -16,9 +16,12 @@ __all__ = [
     "Engine",
     "Quorum",
     "Reply",
+    "RoundLedger",
+    "RoundResult",
     "RunTotals",
     "UpdateRejected",
     "close_condition",
+    "triage",
     "validate_update",
 ]
 
@@ -28,6 +31,9 @@ _WHERE = {
     "Quorum": "fedtrain.server.closing",
     "close_condition": "fedtrain.server.closing",
     "Coordinator": "fedtrain.server.coordinator",
+    "RoundLedger": "fedtrain.server.round",
+    "RoundResult": "fedtrain.server.round",
+    "triage": "fedtrain.server.round",
     "RunTotals": "fedtrain.server.totals",
     "Engine": "fedtrain.server.engine",
     "Reply": "fedtrain.server.engine",
