@@ -100,7 +100,7 @@ def _load(
     --engine, and --config/--set unless they resolve to that same config), else ``config``
     with the --set overrides and --engine applied."""
     from fedtrain.config import load_config
-    from fedtrain.simulation.runner import load_run_config
+    from fedtrain.run import load_run_config
 
     chosen = [f"simulation.engine={json.dumps(engine)}"] if engine is not None else []
     if resume:

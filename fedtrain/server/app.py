@@ -25,8 +25,8 @@ app = ServerApp()
 @app.main()
 def main(grid: Grid, context: Context) -> None:
     from fedtrain.config import ConfigError, load_config, packaged_example
+    from fedtrain.run import RunExists
     from fedtrain.server.deploy import DeploymentError, serve
-    from fedtrain.simulation.runner import RunExists
 
     logging.basicConfig(
         level=logging.INFO, format="%(asctime)s coordinator %(message)s", stream=sys.stdout

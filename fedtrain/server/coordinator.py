@@ -13,22 +13,23 @@ silos whose updates counted: that is each silo's acknowledgement for its error f
 from __future__ import annotations
 
 import logging
-import math
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 
+from fedtrain.aggregation.mean import Aggregator
 from fedtrain.config import Config
 from fedtrain.data.stream import derive_seed
 from fedtrain.models.evaluate import evaluate_loss
 from fedtrain.models.llama import Llama
-from fedtrain.protocol.work import TrainWork, Work, work_from_json, work_to_json
+from fedtrain.protocol.work import Work, work_from_json, work_to_json
 from fedtrain.server.closing import close_condition
 from fedtrain.server.engine import Engine
-from fedtrain.server.validate import UpdateRejected, UpdateValidator
+from fedtrain.server.round import RoundIntake, RoundLedger, RoundResult
+from fedtrain.server.totals import RunTotals
+from fedtrain.server.validate import UpdateValidator
 from fedtrain.storage.runstore import RunStore, StoredState
 from fedtrain.strategies.base import Strategy
 from fedtrain.transport.feedback import ErrorFeedback
@@ -37,57 +38,6 @@ from fedtrain.transport.payload import decode_payload, encode_payload
 __all__ = ["Coordinator", "RunTotals"]
 
 log = logging.getLogger(__name__)
-
-
-@dataclass(slots=True)
-class RunTotals:
-    rounds: int = 0
-    rounds_failed: int = 0
-    steps: int = 0
-    tokens: int = 0
-    bytes_up: int = 0
-    bytes_down: int = 0
-    """Broadcast updates (and the final one), all silos; excludes the one-off join."""
-    bytes_join: int = 0
-    """Full fp32 weights sent once to each joining silo."""
-    initial_eval_loss: float = math.nan
-    final_eval_loss: float = math.nan
-    max_buffer_bytes: int = 0
-    stragglers: int = 0
-    rejected: int = 0
-    values_up: int = 0
-    """Values carried by decoded uplink payloads (for the compression ratio vs fp32)."""
-    payload_bytes_up: int = 0
-    """Bytes of those payloads."""
-    values_down: int = 0
-    """Values carried by broadcast updates (per copy)."""
-    payload_bytes_down: int = 0
-    """Bytes of those broadcasts (per copy)."""
-    wall_s: float = 0.0
-    """Real seconds spent in rounds (summed over restarts)."""
-    max_payload_bytes: int = 0
-    """Largest single uplink payload (the peak a silo's link must carry per sync)."""
-    max_payload_values: int = 0
-    """Most values in one decoded uplink payload."""
-    strikes: dict[str, int] = field(default_factory=dict)
-    """Rejected updates per silo (validation failures, duplicates, unsolicited replies)."""
-    quarantined: dict[str, int] = field(default_factory=dict)
-    """Silo -> round it was quarantined in (it gets no more work)."""
-    history: list[dict[str, Any]] = field(default_factory=list)
-
-    def to_json(self) -> dict[str, Any]:
-        """Counters (not the history) for the commit record."""
-        return {k: getattr(self, k) for k in self.__slots__ if k != "history"}  # type: ignore[attr-defined]
-
-    @classmethod
-    def from_json(cls, data: dict[str, Any], history: list[dict[str, Any]]) -> RunTotals:
-        return cls(**data, history=history)
-
-    def compression(self) -> dict[str, float | None]:
-        """fp32 bytes of the values carried / bytes actually sent, per direction."""
-        up = 4 * self.values_up / self.payload_bytes_up if self.payload_bytes_up else None
-        down = 4 * self.values_down / self.payload_bytes_down if self.payload_bytes_down else None
-        return {"up": up, "down": down}
 
 
 class Coordinator:
@@ -178,7 +128,6 @@ class Coordinator:
             residual, _ = self.store.get_tensors(st["feedback_blob"])
             self.feedback.load_state_dict(residual)
         self._downlink = self.store.blobs.get(st["downlink_blob"])
-        # [round, work] entries; older stores wrote [round, kind, steps, names, extra].
         self._outstanding = {
             s: (int(e[0]), work_from_json(e[1] if len(e) == 2 else e[1:]))
             for s, e in st.get("outstanding", {}).items()
@@ -191,241 +140,144 @@ class Coordinator:
 
     # --------------------------------------------------------------------- run
     def run(self) -> RunTotals:
-        t = self.totals
-        cfg = self.cfg
+        """Join the silos (unless resumed), run rounds until the steps or rounds are spent."""
+        t, cfg = self.totals, self.cfg
         if not self._restored:
-            weights = {n: p.detach() for n, p in self.params.items()}
-            self.store.index.set_meta("initial_global_blob", self.store.put_tensors(weights))
-            # Joining silos get full fp32 weights once; afterwards only encoded updates.
-            t.bytes_join = self.engine.join(self._encode(weights, "weights", 0, "fp32"))
-            self.store.event("join", silos=self.engine.silos, bytes_down=t.bytes_join)
-            t.initial_eval_loss = self.evaluate()
-            self.store.event("eval", round=0, eval_loss=t.initial_eval_loss)
-            log.info("initial eval loss %.4f", t.initial_eval_loss)
-            self._downlink = None
+            self._join()
         downlink: bytes | None = self._downlink
-
         total_steps = cfg.total_inner_steps()
-        eval_every = cfg.run.eval_every_tokens or cfg.round_tokens()
         start, wall0 = time.perf_counter(), t.wall_s
         while t.steps < total_steps and (cfg.run.rounds == 0 or t.rounds < cfg.run.rounds):
-            rnd = t.rounds + 1
-            self.store.start_round(rnd)
-            work = self.strategy.plan(rnd, self.engine.silos, total_steps - t.steps)
-            # Quarantined silos get no work: to the round they are permanent stragglers.
-            work = {s: w for s, w in work.items() if s not in t.quarantined}
-            self._outstanding.update({s: (rnd, w) for s, w in work.items()})
-            steps = max((w.steps for w in work.values()), default=0)
-            if self.on_round_start:
-                self.on_round_start(rnd, steps)
-            tokens_before = t.tokens
-            result = self._round(rnd, work, downlink)
-            # Semi-async rounds: the mean steps of the updates taken (silos differ).
-            t.steps += result["steps"] if self.strategy.async_replies else steps
-            down = len(downlink) * len(work) if downlink else 0
-            t.bytes_up += result["bytes_up"]
-            t.bytes_down += down
-            t.rounds = rnd
-            if result["mean"] is None:
-                t.rounds_failed += 1
-                downlink = None
-                self.store.event(
-                    "round_failed", round=rnd, valid=result["valid"], min_silos=cfg.round.min_silos
-                )
-                log.warning(
-                    "round %d failed: %d valid updates < quorum %d",
-                    rnd,
-                    result["valid"],
-                    cfg.round.min_silos,
-                )
-                continue
-            self._aggregate = result["mean"]
-            downlink = self._outer_step(rnd, result["mean"], result["accepted"])
-            t.tokens += result["tokens"]
-            last = t.steps >= total_steps or bool(cfg.run.rounds and rnd >= cfg.run.rounds)
-            eval_loss = None
-            # Evaluate whenever the tokens cross a multiple of eval_every (and at the end).
-            if t.tokens // eval_every > tokens_before // eval_every or last:
-                eval_loss = self.evaluate()
-                t.final_eval_loss = eval_loss
-            t.wall_s = round(wall0 + time.perf_counter() - start, 4)
-            row = {
-                "round": rnd,
-                "step": t.steps,
-                "tokens": t.tokens,
-                "train_loss": result["train_loss"],
-                "eval_loss": eval_loss,
-                "bytes_up": result["bytes_up"],
-                "bytes_down": down,
-                "wall_s": t.wall_s,
-                "sim_time_s": self.engine.sim_time_s(),
-                "silos": result["valid"],
-                "stragglers": result["stragglers"],
-                "rejected": result["rejected"],
-                "round_time_s": result["duration"],
-                "buffer_bytes": result["buffer_bytes"],
-                "codec": cfg.transport.codec,
-                "compression_up": result["compression_up"],
-                "fragment": next(
-                    (w.fragment if isinstance(w, TrainWork) else None for w in work.values()), None
-                ),
-                "max_payload_bytes": result["max_payload_bytes"],
-                "decode_error": result["decode_error"],
-                "quarantined": len(t.quarantined),
-            }
-            stats = getattr(self.engine, "round_stats", None)
-            if stats is not None:
-                row.update(stats())
-            self._commit(rnd, row, downlink, last)
-            t.history.append(row)
-            if self.on_round:
-                self.on_round(row)
+            downlink = self._run_round(t.rounds + 1, downlink, total_steps, start, wall0)
         final = self.engine.finish(downlink)
         t.bytes_down += final
         self.store.event("finish", bytes_down=final)
         return t
 
-    def _round(self, rnd: int, work: dict[str, Work], downlink: bytes | None) -> dict[str, Any]:
-        cfg = self.cfg
+    def _join(self) -> None:
         t = self.totals
-        timeout = cfg.round.timeout_s
-        closer = close_condition(cfg.round)
+        weights = {n: p.detach() for n, p in self.params.items()}
+        self.store.index.set_meta("initial_global_blob", self.store.put_tensors(weights))
+        # Joining silos get full fp32 weights once; afterwards only encoded updates.
+        t.bytes_join = self.engine.join(self._encode(weights, "weights", 0, "fp32"))
+        self.store.event("join", silos=self.engine.silos, bytes_down=t.bytes_join)
+        t.initial_eval_loss = self.evaluate()
+        self.store.event("eval", round=0, eval_loss=t.initial_eval_loss)
+        log.info("initial eval loss %.4f", t.initial_eval_loss)
+        self._downlink = None
+
+    def _run_round(
+        self, rnd: int, downlink: bytes | None, total_steps: int, start: float, wall0: float
+    ) -> bytes | None:
+        """Plan, run and commit round ``rnd``; return the next downlink (None: it failed)."""
+        t, cfg = self.totals, self.cfg
+        self.store.start_round(rnd)
+        work = self.strategy.plan(rnd, self.engine.silos, total_steps - t.steps)
+        # Quarantined silos get no work: to the round they are permanent stragglers.
+        work = {s: w for s, w in work.items() if s not in t.quarantined}
+        self._outstanding.update({s: (rnd, w) for s, w in work.items()})
+        steps = max((w.steps for w in work.values()), default=0)
+        if self.on_round_start:
+            self.on_round_start(rnd, steps)
+        tokens_before = t.tokens
+        result = self._round(rnd, work, downlink)
+        # Semi-async rounds: the mean steps of the updates taken (silos differ).
+        t.steps += result.steps if self.strategy.async_replies else steps
+        down = len(downlink) * len(work) if downlink else 0
+        t.bytes_up += result.bytes_up
+        t.bytes_down += down
+        t.rounds = rnd
+        if result.mean is None:
+            t.rounds_failed += 1
+            self.store.event(
+                "round_failed", round=rnd, valid=result.valid, min_silos=cfg.round.min_silos
+            )
+            log.warning(
+                "round %d failed: %d valid updates < quorum %d",
+                rnd,
+                result.valid,
+                cfg.round.min_silos,
+            )
+            return None
+        self._aggregate = result.mean
+        downlink = self._outer_step(rnd, result.mean, result.accepted)
+        t.tokens += result.tokens
+        last = t.steps >= total_steps or bool(cfg.run.rounds and rnd >= cfg.run.rounds)
+        eval_loss = None
+        eval_every = cfg.run.eval_every_tokens or cfg.round_tokens()
+        # Evaluate whenever the tokens cross a multiple of eval_every (and at the end).
+        if t.tokens // eval_every > tokens_before // eval_every or last:
+            eval_loss = self.evaluate()
+            t.final_eval_loss = eval_loss
+        t.wall_s = round(wall0 + time.perf_counter() - start, 4)
+        row = result.metrics_row(
+            rnd=rnd,
+            totals=t,
+            work=work,
+            eval_loss=eval_loss,
+            bytes_down=down,
+            sim_time_s=self.engine.sim_time_s(),
+            codec=cfg.transport.codec,
+        )
+        row.update(self.engine.round_stats())
+        self._commit(rnd, row, downlink, last)
+        t.history.append(row)
+        if self.on_round:
+            self.on_round(row)
+        return downlink
+
+    # ------------------------------------------------------------------- round
+    def _round(self, rnd: int, work: dict[str, Work], downlink: bytes | None) -> RoundResult:
+        """Deliver the work, take replies until the round closes, aggregate what counted."""
+        timeout = self.cfg.round.timeout_s
+        closer = close_condition(self.cfg.round)
         agg = self.strategy.new_aggregator()
         expected = len(self._outstanding)
         started_at = self.engine.sim_time_s()
         t0 = started_at if started_at is not None else time.time()
-        steps_taken: list[int] = []
-        valid = seen = stragglers = rejected = bytes_up = tokens = 0
-        values = decoded_bytes = max_payload = max_values = 0
-        loss_sum = loss_w = 0.0
-        last_arrival = 0.0
-        accepted: list[str] = []
-        closed = False
-        replies: dict[str, int] = {}
+        intake = RoundIntake(
+            rnd=rnd,
+            work=work,
+            downlink=downlink,
+            outstanding=self._outstanding,
+            quarantined=self.totals.quarantined,
+            timeout_s=timeout,
+            t0=t0,
+            validator=self.validator,
+            strategy=self.strategy,
+            store=self.store,
+            agg=agg,
+            strike=self._strike,
+        )
+        led, closed = intake.led, False
         for reply in self.engine.run_round(rnd, work, downlink, timeout):
-            n_sent = replies[reply.silo] = replies.get(reply.silo, 0) + 1
-            seen += n_sent == 1
-            size = len(reply.payload or b"")
-            bytes_up += size
-            max_payload = max(max_payload, size)
-            reason: str | None = None
-            strike = True
-            # One update per silo per round: a repeat never takes (or counts) the work again.
-            sent_round, sent = (
-                (rnd, None)
-                if n_sent > 1
-                else self._outstanding.pop(reply.silo, (rnd, work.get(reply.silo)))
-            )
-            if n_sent > 1:
-                reason = f"duplicate: reply {n_sent} from {reply.silo} in round {rnd}"
-            elif reply.silo in t.quarantined:
-                reason = f"silo quarantined in round {t.quarantined[reply.silo]}"
-                strike = False
-            elif reply.arrival_s > timeout:
-                strike = False
-                stragglers += 1
-                reason = f"straggler: arrived at {reply.arrival_s:.3f}s > {timeout}s"
-                self.store.event(
-                    "straggler",
-                    round=rnd,
-                    silo=reply.silo,
-                    arrival_s=reply.arrival_s,
-                    timeout_s=timeout,
-                )
-            elif sent is None:
-                reason = "reply from a silo that was sent no work"
-            elif reply.error is not None or reply.payload is None:
-                rejected += 1
-                reason = f"silo failed: {reply.error}"
-                strike = False
-                self.store.event("failed", round=rnd, silo=reply.silo, reason=reply.error)
-                log.warning("silo %s failed in round %d: %s", reply.silo, rnd, reply.error)
-            else:
-                try:
-                    payload = self.validator.check(
-                        reply.payload,
-                        silo=reply.silo,
-                        round=sent_round,
-                        names=sent.names,
-                        shapes=sent.reply_shapes(),
-                    )
-                except UpdateRejected as e:
-                    reason = str(e)
-            if n_sent == 1:
-                self.strategy.received(reply.silo, t0 + reply.arrival_s, reason is None)
-            if reason is not None:
-                if strike:
-                    rejected += 1
-                    self._strike(rnd, reply.silo, reason)
-                # Kept for debugging, marked invalid with the reason.
-                self.store.store_update(
-                    rnd,
-                    reply.silo if n_sent == 1 else f"{reply.silo}#{n_sent}",
-                    reply.payload,
-                    valid=False,
-                    reason=reason,
-                    codec=None,
-                    weight=None,
-                )
-                if closer.should_close(valid, seen, expected):
-                    # The last expected reply was a bad one: the round is complete now.
-                    last_arrival = max(last_arrival, min(reply.arrival_s, timeout))
+            if intake.take(reply):
+                if agg.done() or closer.should_close(led.valid, led.seen, expected):
                     closed = True
                     break
-                continue
-            w = self.strategy.weight(payload.meta)
-            staleness = rnd - sent_round
-            agg.add(
-                payload.tensors, w, sender=reply.silo, meta={**payload.meta, "staleness": staleness}
-            )
-            steps_taken.append(int(payload.meta.get("steps", 0)))
-            self.store.store_update(
-                rnd,
-                reply.silo,
-                reply.payload,
-                valid=True,
-                reason=None,
-                codec=payload.codec,
-                weight=w,
-            )
-            valid += 1
-            accepted.append(reply.silo)
-            values += payload.numel
-            max_values = max(max_values, payload.numel)
-            decoded_bytes += size
-            n_tok = int(payload.meta.get("tokens", 0))
-            tokens += n_tok
-            loss_sum += float(payload.meta.get("train_loss", math.nan)) * n_tok
-            loss_w += n_tok
-            last_arrival = max(last_arrival, reply.arrival_s)
-            self.store.event(
-                "reply",
-                round=rnd,
-                silo=reply.silo,
-                bytes_up=size,
-                bytes_down=len(downlink) if downlink else 0,
-                codec=payload.codec,
-                tokens=n_tok,
-                train_loss=payload.meta.get("train_loss"),
-                arrival_s=reply.arrival_s,
-                weight=w,
-            )
-            if agg.done() or closer.should_close(valid, seen, expected):
+            elif closer.should_close(led.valid, led.seen, expected):
+                # The last expected reply was a bad one: the round is complete now.
+                led.last_arrival = max(led.last_arrival, min(reply.arrival_s, timeout))
                 closed = True
                 break
-        duration = last_arrival if closed else timeout
+        duration = led.last_arrival if closed else timeout
         self.engine.close_round(duration)
         if not self.strategy.async_replies:
             for silo in list(self._outstanding):
                 # Its reply is no longer needed (or never came): discarded as a straggler.
                 del self._outstanding[silo]
-                stragglers += 1
+                led.stragglers += 1
                 self.store.event(
                     "straggler", round=rnd, silo=silo, reason="round closed before its reply"
                 )
-        tokens = agg.tokens(tokens)
+        return self._close(rnd, agg, led, duration)
+
+    def _close(self, rnd: int, agg: Aggregator, led: RoundLedger, duration: float) -> RoundResult:
+        """Aggregate what counted, add the round's counters to the totals."""
+        t = self.totals
+        tokens = agg.tokens(led.tokens)
         # A decodable coded round holds every shard's update whatever the count of replies.
-        mean = agg.mean() if valid >= cfg.round.min_silos or agg.done() else None
+        mean = agg.mean() if led.valid >= self.cfg.round.min_silos or agg.done() else None
         report = agg.report()
         if report:
             self.store.event("aggregate", round=rnd, **report)
@@ -435,29 +287,21 @@ class Coordinator:
                     rnd,
                     report["decode_error"],
                 )
-        t.stragglers += stragglers
-        t.rejected += rejected
-        t.values_up += values
-        t.payload_bytes_up += decoded_bytes
+        t.stragglers += led.stragglers
+        t.rejected += led.rejected
+        t.values_up += led.values
+        t.payload_bytes_up += led.decoded_bytes
         t.max_buffer_bytes = max(t.max_buffer_bytes, agg.buffer_bytes)
-        t.max_payload_bytes = max(t.max_payload_bytes, max_payload)
-        t.max_payload_values = max(t.max_payload_values, max_values)
-        return {
-            "mean": mean,
-            "steps": round(sum(steps_taken) / len(steps_taken)) if steps_taken else 0,
-            "decode_error": report.get("decode_error"),
-            "valid": valid,
-            "accepted": accepted,
-            "tokens": tokens,
-            "train_loss": loss_sum / loss_w if loss_w else None,
-            "bytes_up": bytes_up,
-            "stragglers": stragglers,
-            "rejected": rejected,
-            "duration": duration,
-            "buffer_bytes": agg.buffer_bytes,
-            "compression_up": 4 * values / decoded_bytes if decoded_bytes else None,
-            "max_payload_bytes": max_payload,
-        }
+        t.max_payload_bytes = max(t.max_payload_bytes, led.max_payload)
+        t.max_payload_values = max(t.max_payload_values, led.max_values)
+        return RoundResult.of(
+            led,
+            mean=mean,
+            tokens=tokens,
+            decode_error=report.get("decode_error"),
+            duration=duration,
+            buffer_bytes=agg.buffer_bytes,
+        )
 
     def _strike(self, rnd: int, silo: str, reason: str) -> None:
         """Record a rejected update; quarantine the silo at ``reliability.quarantine_after``."""

@@ -1,4 +1,5 @@
-"""What the round loop needs from an engine (in-process simulation, Flower deployment, ...)."""
+"""What the round loop and the run assembly need from an engine (in-process simulation, Flower
+deployment, ...)."""
 
 from __future__ import annotations
 
@@ -24,8 +25,21 @@ class Reply:
 
 
 class Engine(Protocol):
+    """Delivers a round's work to the silos and yields their replies.
+
+    Implemented by :class:`~fedtrain.simulation.inprocess.InProcessEngine` (virtual silos on a
+    virtual clock), :class:`~fedtrain.server.flower_engine.FlowerEngine` (a Flower deployment)
+    and :class:`~fedtrain.simulation.flower.SimulatedFlowerEngine` (Flower's simulation runtime).
+    """
+
     silos: list[str]
     """Silo names, canonical order."""
+    public_keys: dict[str, Any]
+    """Silo -> Ed25519 public key its updates are signed with (empty: the run signs nothing)."""
+    compute_s: dict[str, float]
+    """Silo -> seconds it spent computing so far (engine clock)."""
+    measured_step_time_s: float | None
+    """Seconds per inner step measured on this machine (None: not measured, or real silos)."""
 
     def join(self, weights_payload: bytes) -> int:
         """Send full global weights to every silo; return bytes sent in total."""
@@ -57,4 +71,12 @@ class Engine(Protocol):
 
     def close_round(self, duration_s: float) -> None:
         """The coordinator closed the round after ``duration_s`` (engine clock)."""
+        ...
+
+    def round_stats(self) -> dict[str, Any]:
+        """Extra fields for the closed round's metrics row (e.g. utilisation); may be empty."""
+        ...
+
+    def utilisation(self) -> float | None:
+        """Compute time / elapsed time over the run, averaged over silos (None: not known)."""
         ...

@@ -314,7 +314,7 @@ def analytic_run(cfg: Config, run_dir: Path, *, quiet: bool = True) -> dict[str,
     per_round = cfg.steps_per_round()
     total = cfg.total_inner_steps()
     rounds = math.ceil(total / per_round)
-    from fedtrain.simulation.runner import check_run_dir
+    from fedtrain.run import check_run_dir
 
     check_run_dir(run_dir, resume=False)
     run_dir.mkdir(parents=True, exist_ok=True)

@@ -1,12 +1,12 @@
 """``fedtrain simulate --engine flower``: the real Flower apps under Flower's simulation runtime.
 
-The coordinator is the one a deployment runs: :class:`~fedtrain.server.deploy.FlowerEngine`
-over the ``Grid`` Flower hands our ServerApp (which the runtime runs in a thread of this
-process), with the same manifest handshake, versioned downlinks and resyncs. The silos are
-``num_supernodes = data.silos`` virtual SuperNodes whose ClientApp
-(:mod:`fedtrain.simulation.flower_client`) runs in a pool of Ray actors and keeps each silo's
-state in files under ``<run dir>/silos/<silo>/``. There is no virtual clock: ``sim_time_s`` is
-None and ``round.timeout_s`` is in real seconds.
+The coordinator is the one a deployment runs:
+:class:`~fedtrain.server.flower_engine.FlowerEngine` over the ``Grid`` Flower hands our
+ServerApp (which the runtime runs in a thread of this process), with the same manifest
+handshake, versioned downlinks and resyncs. The silos are ``num_supernodes = data.silos``
+virtual SuperNodes whose ClientApp (:mod:`fedtrain.simulation.flower_client`) runs in a pool of
+Ray actors and keeps each silo's state in files under ``<run dir>/silos/<silo>/``. There is no
+virtual clock: ``sim_time_s`` is None and ``round.timeout_s`` is in real seconds.
 
 Ray's settings and lifetime are :mod:`fedtrain.simulation.ray_runtime`'s; Flower's log goes to
 ``<run dir>/logs/flower.log``.
@@ -21,10 +21,15 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from flwr.app import Context
+from flwr.serverapp import Grid
+
 from fedtrain.config import Config
 from fedtrain.protocol.work import Work
-from fedtrain.server.deploy import DeploymentError, FlowerEngine, engine_factory
-from fedtrain.server.engine import Reply
+from fedtrain.run import EngineInputs, build_run, check_run_dir
+from fedtrain.server.deploy import engine_factory
+from fedtrain.server.engine import Engine, Reply
+from fedtrain.server.flower_engine import DeploymentError, FlowerEngine
 from fedtrain.strategies.registry import setting, spec_for
 
 __all__ = ["SimulatedFlowerEngine", "check_flower_config", "simulate_flower"]
@@ -165,6 +170,67 @@ def _signing_keys(cfg: Config, root: Path) -> dict[str, Any]:
     return public
 
 
+class _ServerSide:
+    """The ServerApp's main: assembles the run in Flower's server thread and executes it."""
+
+    def __init__(
+        self,
+        cfg: Config,
+        run_dir: Path,
+        *,
+        quiet: bool,
+        resume: bool,
+        public_keys: dict[str, Any] | None,
+    ) -> None:
+        self.cfg, self.run_dir, self.quiet, self.resume = cfg, run_dir, quiet, resume
+        self.public_keys = public_keys
+        self.grid = _Grid()
+        self.backend: dict[str, Any] = {}
+        """Ray backend config, set before the simulation starts."""
+        self.summary: dict[str, Any] | None = None
+        self.thread: threading.Thread | None = None
+
+    def _make_engine(self, inputs: EngineInputs) -> Engine:
+        make = engine_factory(
+            self.grid,  # type: ignore[arg-type]  # a stoppable view of Flower's grid
+            public_keys=self.public_keys,
+            engine_cls=SimulatedFlowerEngine,
+            hello_timeout_s=JOIN_TIMEOUT_S,
+            canonical_order=self.cfg.round.close_when == "all",
+            on_step=inputs.progress.step,
+        )
+        return make(inputs)
+
+    def main(self, flower_grid: Grid, context: Context) -> None:
+        # The run store's SQLite connection belongs to the thread that opens it: this one.
+        self.thread = threading.current_thread()
+        self.grid.attach(flower_grid)
+        cfg = self.cfg
+        run = build_run(
+            cfg,
+            self.run_dir,
+            self._make_engine,
+            quiet=self.quiet,
+            resume=self.resume,
+            silo_checkpoints=False,
+        )
+        run.store.event(
+            "flower_simulation",
+            supernodes=cfg.data.silos,
+            cpus_per_silo=self.backend["client_resources"]["num_cpus"],
+            ray_temp_dir=self.backend["init_args"]["_temp_dir"],
+        )
+        assert isinstance(run.engine, SimulatedFlowerEngine)
+        run.engine.connect(JOIN_TIMEOUT_S)
+        self.summary = run.execute()
+
+    def stop(self) -> None:
+        """Make an interrupted coordinator leave at its next poll; wait for its thread."""
+        self.grid.stop()
+        if self.thread is not None and self.thread is not threading.current_thread():
+            self.thread.join(timeout=60)
+
+
 def simulate_flower(
     cfg: Config, run_dir: Path, *, quiet: bool = False, resume: bool = False
 ) -> dict[str, Any]:
@@ -172,68 +238,24 @@ def simulate_flower(
     exactly as the in-process engine does; return the summary."""
     check_flower_config(cfg)
     _require_ray()
-    from flwr.app import Context
-    from flwr.serverapp import Grid, ServerApp
+    from flwr.serverapp import ServerApp
     from flwr.simulation import run_simulation
 
     from fedtrain.simulation.flower_client import make_client_app
     from fedtrain.simulation.ray_runtime import flower_log_to, ray_session
-    from fedtrain.simulation.runner import build_simulation, check_run_dir
 
-    check_run_dir(run_dir, resume)  # before Ray starts; build_simulation checks again
+    check_run_dir(run_dir, resume)  # before Ray starts; build_run checks again
     silos_root = run_dir.resolve() / "silos"
     public_keys = _signing_keys(cfg, silos_root) if cfg.transport.sign_updates else None
     threads = max(1, cfg.train.threads or 1)
-    grid = _Grid()
-    holder: dict[str, Any] = {}
-
-    def on_event(kind: str, **fields: Any) -> None:
-        if "store" in holder:
-            holder["store"].event(kind, **fields)
-
-    def on_step(n: int) -> None:
-        if "progress" in holder:
-            holder["progress"].step(n)
-
-    def coordinator(flower_grid: Grid, context: Context) -> None:
-        # The run store's SQLite connection belongs to the thread that opens it: this one.
-        holder["thread"] = threading.current_thread()
-        grid.attach(flower_grid)
-        make_engine = engine_factory(
-            grid,  # type: ignore[arg-type]  # a stoppable view of flower_grid
-            cfg,
-            run_dir,
-            on_event=on_event,
-            engine_cls=SimulatedFlowerEngine,
-            hello_timeout_s=JOIN_TIMEOUT_S,
-            canonical_order=cfg.round.close_when == "all",
-            on_step=on_step,
-        )
-        sim = build_simulation(
-            cfg,
-            run_dir,
-            quiet=quiet,
-            resume=resume,
-            make_engine=make_engine,
-            public_keys=public_keys,
-        )
-        holder["store"], holder["progress"] = sim.store, sim.progress
-        sim.store.event(
-            "flower_simulation",
-            supernodes=cfg.data.silos,
-            cpus_per_silo=holder["backend"]["client_resources"]["num_cpus"],
-            ray_temp_dir=holder["backend"]["init_args"]["_temp_dir"],
-        )
-        sim.engine.connect(JOIN_TIMEOUT_S)
-        holder["summary"] = sim.execute()
-
+    server = _ServerSide(cfg, run_dir, quiet=quiet, resume=resume, public_keys=public_keys)
     server_app = ServerApp()
-    server_app.main()(coordinator)
+    server_app.main()(server.main)
     client_app = make_client_app(
         silos_root, cfg.silo_names(), threads=threads, signing=cfg.transport.sign_updates
     )
     with ray_session(threads) as backend, flower_log_to(run_dir / "logs" / "flower.log"):
-        holder["backend"] = backend
+        server.backend = backend
         try:
             run_simulation(
                 server_app=server_app,
@@ -242,12 +264,9 @@ def simulate_flower(
                 backend_config=backend,
             )
         finally:
-            grid.stop()  # an interrupted coordinator leaves at its next poll
-            thread = holder.get("thread")
-            if thread is not None and thread is not threading.current_thread():
-                thread.join(timeout=60)
-    if "summary" not in holder:
+            server.stop()
+    if server.summary is None:
         raise RuntimeError(f"the Flower simulation ended without finishing the run (see {run_dir})")
     # The silos' snapshots only serve a resume, and a finished run is not resumed.
     shutil.rmtree(silos_root, ignore_errors=True)
-    return dict(holder["summary"])
+    return dict(server.summary)

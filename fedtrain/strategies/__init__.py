@@ -34,7 +34,8 @@ def build_strategy(
     params: dict[str, torch.nn.Parameter],
     *,
     run_id: str = "",
-    clock: Callable[[], float] | None = None,
+    clock: Callable[[], float | None] | None = None,
 ) -> Strategy:
-    """The strategy ``cfg`` selects (see :func:`spec_for`) over the global ``params``."""
+    """The strategy ``cfg`` selects (see :func:`spec_for`) over the global ``params``; ``clock``
+    is the engine's (seconds now, None: real time) for strategies that schedule by time."""
     return spec_for(cfg).build(cfg, params, BuildContext(run_id=run_id, clock=clock))

@@ -190,7 +190,7 @@ class CompassDiLoCo(DiLoCo):
         super().__init__(params, inner_steps=inner_steps, **outer)
         self.scheduler = CompassScheduler(q_min, q_max)
         self.clock = clock or time.monotonic
-        """Seconds now: the engine's virtual clock in simulation (given at construction)."""
+        """Seconds now: the engine's clock (virtual in simulation; None or unset: real time)."""
         self.outstanding: dict[str, tuple[int, float, int]] = {}
         """Silo -> (group, dispatched at, steps) of its work in flight."""
         self._agg: CompassMean | None = None

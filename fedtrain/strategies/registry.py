@@ -38,7 +38,7 @@ class BuildContext:
 
     run_id: str = ""
     """The run's id (seeds derived per run, e.g. ZO's perturbations)."""
-    clock: Callable[[], float] | None = None
+    clock: Callable[[], float | None] | None = None
     """Seconds now (the engine's virtual clock in simulation); None = the strategy's default."""
 
 

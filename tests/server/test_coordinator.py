@@ -70,6 +70,9 @@ class ScriptedEngine:
     def sim_time_s(self):
         return self.now
 
+    def round_stats(self):
+        return {}
+
 
 def _setup(tmp_path, arrivals, faults=None, **round_cfg):
     cfg = config_from_dict(

@@ -3,7 +3,7 @@ only to a silo that will hold the version it applies to; anyone else gets full w
 
 from __future__ import annotations
 
-from fedtrain.server.deploy import FlowerEngine, _silo_state
+from fedtrain.server.flower_engine import FlowerEngine, _silo_state
 
 
 def engine() -> FlowerEngine:

@@ -8,6 +8,7 @@ import math
 import pytest
 
 from fedtrain.config import ConfigError, config_from_dict
+from fedtrain.run import RunExists
 from fedtrain.simulation.analytic import (
     BANDWIDTH_GRID_GBPS,
     SyncModel,
@@ -18,7 +19,7 @@ from fedtrain.simulation.analytic import (
     utilisation,
 )
 from fedtrain.simulation.hardware import step_time_from_flops
-from fedtrain.simulation.runner import RunExists, simulate
+from fedtrain.simulation.runner import simulate
 from tests.conftest import tiny_config_dict
 
 # 4 layers, 0.3 s steps: the backward pass is 0.2 s, 0.05 s per layer.
