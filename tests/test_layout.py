@@ -20,7 +20,18 @@ MAX_MODULE_LINES = 400
 MAX_FUNCTION_LINES = 80
 LONG = re.compile(r"#\s*long:\s*\S")
 
-SHARED = ("strategies", "aggregation", "transport", "protocol", "storage", "models", "data")
+SHARED = (
+    "strategies",
+    "aggregation",
+    "transport",
+    "protocol",
+    "storage",
+    "models",
+    "data",
+    "config",
+    "runtime",
+    "optim",
+)
 ROLES = ("server", "client", "simulation", "cli")
 
 # (importing package, imported package) -> why it is not allowed; "*" = any package.

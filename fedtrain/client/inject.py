@@ -1,7 +1,7 @@
 """Fault injection in a deployed silo's trainer daemon (a test hook; unset, nothing changes).
 
 ``FEDTRAIN_FAULTS`` (comma-separated ``KIND@SILO:ROUND[=VALUE]``, see
-:mod:`fedtrain.client.faults`) is read once when the daemon starts; this silo's faults fire in
+:mod:`fedtrain.transport.faults`) is read once when the daemon starts; this silo's faults fire in
 its ``round`` requests as they do in simulation:
 
 - ``kill`` SIGKILLs rank 0 before any work (torchrun then stops the other ranks and exits, and
@@ -30,8 +30,8 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
-from fedtrain.client.faults import Fault, FaultPlan, parse_fault, tamper
 from fedtrain.storage.rundir import atomic_write_bytes
+from fedtrain.transport.faults import Fault, FaultPlan, parse_fault, tamper
 
 __all__ = ["FAULTS_ENV", "SHARE_ENV", "SiloFaults"]
 

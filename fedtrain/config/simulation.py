@@ -45,7 +45,7 @@ class SiloProfile:
         _check(self.down_mbps > 0, f"{key}.down_mbps", "a number > 0", self.down_mbps)
         _check(self.latency_ms >= 0, f"{key}.latency_ms", "a number >= 0", self.latency_ms)
         _check(0.0 <= self.dropout < 1.0, f"{key}.dropout", "a number in [0, 1)", self.dropout)
-        from fedtrain.simulation.hardware import HARDWARE
+        from fedtrain.models.hardware import HARDWARE
 
         _check(
             self.gpu in ("", *HARDWARE),

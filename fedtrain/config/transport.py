@@ -167,7 +167,7 @@ class ReliabilitySection:
 @dataclass(kw_only=True, slots=True)
 class FaultsSection:
     inject: list[str] = field(default_factory=list)
-    """Faults to inject in simulation, each KIND@SILO:ROUND[=VALUE] (see fedtrain.client.faults),
+    """Faults to inject in simulation, each KIND@SILO:ROUND[=VALUE] (see fedtrain.transport.faults),
     e.g. ["nan@silo1:2", "scale@silo3:*=-10"]."""
     drop_rate: float = 0.0
     """Probability that a silo's reply is lost in a round (seeded by run.seed)."""
@@ -175,7 +175,7 @@ class FaultsSection:
     """Probability that a silo's reply arrives with a flipped byte (seeded by run.seed)."""
 
     def __post_init__(self) -> None:
-        from fedtrain.client.faults import parse_fault
+        from fedtrain.transport.faults import parse_fault
 
         for spec in self.inject:
             try:

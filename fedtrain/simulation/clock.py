@@ -17,7 +17,7 @@ def profile_step_time(profile: SiloProfile, params: float, tokens_per_step: floa
     if profile.step_time_s:
         return profile.step_time_s
     if profile.gpu:
-        from fedtrain.simulation.hardware import step_time_from_flops
+        from fedtrain.models.hardware import step_time_from_flops
 
         return step_time_from_flops(params, tokens_per_step, profile.gpu, profile.gpus, profile.mfu)
     return 0.0

@@ -17,7 +17,6 @@ from typing import Any
 import torch
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from fedtrain.client.faults import FaultPlan, tamper
 from fedtrain.client.trainer import SiloTrainer
 from fedtrain.client.worker import SiloWorker
 from fedtrain.config import Config
@@ -27,6 +26,7 @@ from fedtrain.protocol.work import TrainWork, Work
 from fedtrain.server.engine import Reply
 from fedtrain.simulation.clock import SiloTiming, StragglerModel, VirtualClock, profile_step_time
 from fedtrain.strategies.registry import spec_for
+from fedtrain.transport.faults import FaultPlan, tamper
 from fedtrain.transport.payload import decode_payload
 
 __all__ = ["InProcessEngine", "measure_step_time"]

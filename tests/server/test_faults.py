@@ -9,10 +9,10 @@ import json
 import pytest
 import torch
 
-from fedtrain.client.faults import FaultPlan, parse_fault
 from fedtrain.config import ConfigError, config_from_dict
 from fedtrain.simulation.runner import simulate
 from fedtrain.storage.runstore import RunStore
+from fedtrain.transport.faults import FaultPlan, parse_fault
 from tests.conftest import tiny_config_dict
 
 # kind -> what the rejection reason says (signatures are on, so tampered bytes fail there)

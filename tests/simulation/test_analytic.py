@@ -8,6 +8,7 @@ import math
 import pytest
 
 from fedtrain.config import ConfigError, config_from_dict
+from fedtrain.models.hardware import step_time_from_flops
 from fedtrain.run import RunExists
 from fedtrain.simulation.analytic import (
     BANDWIDTH_GRID_GBPS,
@@ -18,7 +19,6 @@ from fedtrain.simulation.analytic import (
     required_bandwidth,
     utilisation,
 )
-from fedtrain.simulation.hardware import step_time_from_flops
 from fedtrain.simulation.runner import simulate
 from tests.conftest import tiny_config_dict
 

@@ -8,9 +8,9 @@ import json
 
 import pytest
 
-from fedtrain.client.faults import FaultPlan
 from fedtrain.config import config_from_dict
 from fedtrain.simulation.runner import simulate
+from fedtrain.transport.faults import FaultPlan
 from tests.conftest import tiny_config_dict
 
 pytestmark = pytest.mark.slow
