@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from fedtrain.runtime.children import pids_matching as pids_with
-from tests.deploy.helpers import Proc, tiny_config, wait_for
+from tests.deploy.helpers import Proc, events, tiny_config, wait_for
 
 pytestmark = pytest.mark.slow
 
@@ -77,6 +77,7 @@ def test_join_timeout_reason_is_printed_and_logged(root):
         assert "without a summary" not in p.text()
     log = (run / "logs" / "run.log").read_text()
     assert log.count(failed[0]) == 2
+    assert [e["reason"] for e in events(run, "run_failed")] == [failed[0].split(": ", 2)[2]] * 2
     first, second = (_run_ids(t) for t in texts)
     assert len(first) == 1 and len(second) == 1 and first != second
     assert first[0] not in texts[1]  # the restart did not re-print the first start's log
