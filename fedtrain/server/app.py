@@ -6,6 +6,9 @@ Run config keys (``[tool.flwr.app.config]`` or ``flwr run --run-config``):
 - ``set``: overrides ``"key=value; key=value"`` as for ``fedtrain simulate --set``;
 - ``join-timeout``: seconds to wait for every silo to join;
 - ``keys-dir``: the directory made by ``fedtrain keys init`` (silo signing keys).
+
+A run that fails leaves its reason in ``RUN_DIR/failure.txt``, which ``fedtrain server`` prints
+(Flower's log stream may end before the last lines arrive).
 """
 
 from __future__ import annotations
@@ -37,9 +40,11 @@ def main(grid: Grid, context: Context) -> None:
     rc = context.run_config
     config = str(rc.get("config", "")) or str(packaged_example("deploy"))
     overrides = [s.strip() for s in str(rc.get("set", "")).split(";") if s.strip()]
+    given = str(rc.get("run-dir", ""))
+    run_dir = Path(given).resolve() if given else None
     try:
         cfg = load_config(config, overrides)
-        run_dir = Path(str(rc.get("run-dir", "")) or Path("runs") / cfg.run.name).resolve()
+        run_dir = run_dir or (Path("runs") / cfg.run.name).resolve()
         keys = str(rc.get("keys-dir", ""))
         serve(
             grid,
@@ -51,4 +56,19 @@ def main(grid: Grid, context: Context) -> None:
         )
     except (ConfigError, DeploymentError, RunExists) as e:
         log.error("error: %s", e)
+        _record(run_dir, str(e))
         raise SystemExit(2) from None
+    except Exception as e:
+        _record(run_dir, f"{type(e).__name__}: {e} (traceback in the run's log)")
+        raise
+
+
+def _record(run_dir: Path | None, reason: str) -> None:
+    """Leave the reason for ``fedtrain server`` (Flower's log stream may never deliver it)."""
+    from fedtrain.server.launcher import record_failure
+
+    if run_dir is not None and run_dir.is_dir():
+        try:
+            record_failure(run_dir, reason)
+        except OSError:
+            logging.getLogger("fedtrain.server").exception("could not record the failure")

@@ -123,9 +123,13 @@ def serve(
             cfg.strategy.name,
             ", ".join(cfg.silo_names()),
         )
-        engine.connect(join_timeout_s)
-        run.coordinator.on_round = _print_round
-        summary = run.execute()
+        try:
+            engine.connect(join_timeout_s)
+            run.coordinator.on_round = _print_round
+            summary = run.execute()
+        except DeploymentError as e:
+            run.store.event("run_failed", reason=str(e))
+            raise
         from fedtrain.runtime.children import peak_rss_bytes
 
         summary["deployment"] = {

@@ -1,13 +1,15 @@
-"""``fedtrain server``: the coordinator's processes.
+"""``fedtrain server``: the coordinator's processes, with ``RUN_DIR/server.lock`` held.
 
-1. A Flower SuperLink (subprocess, ``FLWR_HOME`` and ``--database`` in the run directory,
-   runtime dependency installation off) bound to 127.0.0.1 on a private port.
-2. The fleet-only proxy (:mod:`fedtrain.server.proxy`) on the public ``--address``: silos reach
-   the Fleet API and nothing else (the Control API has no authentication).
-3. With ``--tls-dir`` (made by ``fedtrain keys init``): TLS on both, SuperNode authentication
-   on, and every silo public key found in the directory registered.
+1. A Flower SuperLink (:mod:`fedtrain.server.superlink`; ``FLWR_HOME`` and ``--database`` in
+   the run directory, runtime dependency installation off) on a private 127.0.0.1 port.
+2. With ``--tls-dir`` (made by ``fedtrain keys init``): TLS, SuperNode authentication on, and
+   every silo public key in the directory registered, before any silo can connect.
+3. The fleet-only proxy (:mod:`fedtrain.server.proxy`) on the public ``--address``: silos reach
+   the Fleet API and nothing else (the Control API has no authentication); then
+   ``RUN_DIR/address``.
 4. ``flwr run`` of a generated app whose components are ``fedtrain.server.app:app`` and
-   ``fedtrain.client.app:app``; its log streams to the console.
+   ``fedtrain.client.app:app``; its log streams to the console, and a failure the ServerApp
+   records (``RUN_DIR/failure.txt``) ends the command non-zero with that reason.
 
 Restarting with the same ``--run-dir`` resumes the run from its last committed round (the
 SuperLink database keeps the silos' node registrations, so silos reconnect on their own).
@@ -15,18 +17,15 @@ SuperLink database keeps the silos' node registrations, so silos reconnect on th
 
 from __future__ import annotations
 
-import json
+import fcntl
 import logging
+import os
 import socket
-import ssl
 import sys
 import time
-import urllib.error
-import urllib.request
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import IO, TYPE_CHECKING
 
 from fedtrain.runtime.children import (
     Children,
@@ -36,18 +35,31 @@ from fedtrain.runtime.children import (
     stop_processes_using,
     tail,
 )
+from fedtrain.server.superlink import LaunchError, superlink_command, wait_health, write_app
+from fedtrain.server.superlink import register_keys as _register_keys
+from fedtrain.server.superlink import write_flwr_config as _flwr_config
 
 if TYPE_CHECKING:
     from fedtrain.config import Config
     from fedtrain.server.proxy import FleetProxy
 
-__all__ = ["ServerOptions", "check_deployable", "run_server"]
+__all__ = [
+    "FAILURE_FILE",
+    "LaunchError",
+    "ServerOptions",
+    "check_deployable",
+    "record_failure",
+    "run_server",
+]
 
 log = logging.getLogger("fedtrain")
 
+FAILURE_FILE = "failure.txt"
+"""Written in the run directory by the ServerApp when the run fails: the reason, one line.
+The launcher removes it at start and reports it when the run ends without a summary."""
 
-class LaunchError(RuntimeError):
-    """A child process could not be started or died."""
+LOCK_FILE = "server.lock"
+"""Held (``flock``) by the live ``fedtrain server`` of a run directory; holds its pid."""
 
 
 @dataclass(slots=True)
@@ -67,22 +79,18 @@ def _parse_address(address: str) -> tuple[str, int]:
     return host.strip("[]") or "0.0.0.0", int(port)
 
 
-def _wait_health(
-    url: str, ca: Path | None, proc_alive: Callable[[], bool], timeout_s: float = 60.0
-) -> None:
-    ctx = ssl.create_default_context(cafile=str(ca)) if ca else None
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        try:
-            with urllib.request.urlopen(url, timeout=2, context=ctx) as r:  # noqa: S310
-                if r.status == 200:
-                    return
-        except (urllib.error.URLError, OSError):
-            pass
-        if not proc_alive():
-            raise LaunchError("the SuperLink exited while starting")
-        time.sleep(0.3)
-    raise LaunchError(f"the SuperLink did not become healthy within {timeout_s:.0f}s")
+def record_failure(run_dir: Path, reason: str) -> None:
+    """Leave why the run failed for the launcher (temp + rename: never read half-written)."""
+    tmp = run_dir / (FAILURE_FILE + ".tmp")
+    tmp.write_text(" ".join(reason.split()) + "\n")
+    tmp.replace(run_dir / FAILURE_FILE)
+
+
+def _read_failure(run_dir: Path) -> str | None:
+    try:
+        return (run_dir / FAILURE_FILE).read_text().strip() or None
+    except OSError:
+        return None
 
 
 def max_body_bytes(cfg: Config) -> int:
@@ -108,76 +116,6 @@ def max_body_bytes(cfg: Config) -> int:
     return int(bound) + (1 << 20)
 
 
-def _toml_str(value: str) -> str:
-    return json.dumps(value)  # a JSON string is a valid TOML basic string
-
-
-def write_app(app_dir: Path, run_config: dict[str, str | int | float]) -> None:
-    """The Flower app bundle ``flwr run`` submits: components only, code comes from fedtrain."""
-    app_dir.mkdir(parents=True, exist_ok=True)
-    cfg_lines = "\n".join(
-        f"{k} = {_toml_str(v) if isinstance(v, str) else v}" for k, v in run_config.items()
-    )
-    (app_dir / "pyproject.toml").write_text(
-        f"""[build-system]
-requires = ["hatchling"]
-build-backend = "hatchling.build"
-
-[project]
-name = "fedtrain-run"
-version = "1.0.0"
-description = "A fedtrain federated training run"
-license = "Apache-2.0"
-dependencies = []
-
-[tool.hatch.build.targets.wheel]
-packages = ["."]
-
-[tool.flwr.app]
-publisher = "fedtrain"
-
-[tool.flwr.app.components]
-serverapp = "fedtrain.server.app:app"
-clientapp = "fedtrain.client.app:app"
-
-[tool.flwr.app.config]
-{cfg_lines}
-"""
-    )
-
-
-def _flwr_config(home: Path, port: int, ca: Path | None) -> None:
-    home.mkdir(parents=True, exist_ok=True)
-    conn = f'address = "127.0.0.1:{port}"\n'
-    conn += f"root-certificates = {_toml_str(str(ca))}\n" if ca else "insecure = true\n"
-    (home / "config.toml").write_text(
-        f'[superlink]\ndefault = "coordinator"\n\n[superlink.coordinator]\n{conn}'
-    )
-
-
-def _register_keys(env: dict[str, str], tls_dir: Path) -> list[str]:
-    import subprocess
-
-    done = []
-    for pub in sorted(tls_dir.glob("silos/*/auth_key.pub")):
-        silo = pub.parent.name
-        r = subprocess.run(
-            ["flwr", "supernode", "register", str(pub), "coordinator", "--name", silo],
-            env=env,
-            capture_output=True,
-            text=True,
-            timeout=120,
-            check=False,
-        )
-        text = (r.stdout + r.stderr).lower()
-        if r.returncode != 0 and "already" not in text:
-            raise LaunchError(
-                f"registering silo {silo}'s key failed: {(r.stdout + r.stderr)[-400:]}"
-            )
-        done.append(silo)
-    return done
-
-
 def check_deployable(cfg: Config) -> None:
     """Refuse, before anything starts, a strategy that cannot run in deployment."""
     from fedtrain.strategies.registry import setting, spec_for
@@ -190,15 +128,22 @@ def check_deployable(cfg: Config) -> None:
         )
 
 
-def _resolve_run(opts: ServerOptions) -> tuple[Path, Config, Path]:
+def _load_run(opts: ServerOptions) -> tuple[Path, Config, Path]:
     """The config file, its loaded config and the run directory; refuses what cannot be
-    deployed, a finished run and a run directory holding a different config."""
-    from fedtrain.config import config_sha256, load_config, packaged_example
+    deployed."""
+    from fedtrain.config import load_config, packaged_example
 
     config_path = opts.config or packaged_example("deploy")
     cfg = load_config(config_path, list(opts.overrides))
     check_deployable(cfg)
     run_dir = (opts.run_dir or Path("runs") / cfg.run.name).resolve()
+    return Path(config_path), cfg, run_dir
+
+
+def _check_run_dir(run_dir: Path, cfg: Config) -> None:
+    """Refuse a finished run and a run directory holding a different config."""
+    from fedtrain.config import config_sha256, load_config
+
     if (run_dir / "summary.json").exists():
         raise ValueError(f"{run_dir}: the run already finished; choose another --run-dir")
     if (run_dir / "config.toml").exists():
@@ -208,7 +153,29 @@ def _resolve_run(opts: ServerOptions) -> tuple[Path, Config, Path]:
                 f"{run_dir} holds a run with a different config; choose another --run-dir"
             )
         print(f"fedtrain server: resuming the run in {run_dir}", flush=True)
-    return Path(config_path), cfg, run_dir
+
+
+def _lock_run_dir(run_dir: Path) -> IO[str]:
+    """Hold ``run_dir/server.lock`` for this process's lifetime (the kernel drops it when the
+    process dies, however it dies); refuse while another live ``fedtrain server`` holds it."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    path = run_dir / LOCK_FILE
+    f = path.open("a+")
+    try:
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        f.seek(0)
+        pid = f.read().strip() or "unknown"
+        f.close()
+        raise ValueError(
+            f"{run_dir} is in use by a running `fedtrain server` (pid {pid}, lock {path}); "
+            "stop it first or choose another --run-dir"
+        ) from None
+    f.seek(0)
+    f.truncate()
+    f.write(f"{os.getpid()}\n")
+    f.flush()
+    return f
 
 
 def _tls_dir(opts: ServerOptions) -> Path | None:
@@ -224,41 +191,18 @@ def _tls_dir(opts: ServerOptions) -> Path | None:
 
 
 def _stop_previous_serverapp(port_file: Path) -> None:
-    """Stop the ServerApp a coordinator killed without cleaning up left behind."""
+    """Stop the ServerApp a coordinator killed without cleaning up left behind. Called with
+    the run directory's lock held, so that coordinator's launcher is dead."""
     if port_file.exists():
         # A coordinator killed without cleaning up leaves its ServerApp running (Flower starts
         # it outside our process tree); it still holds the run. Stop exactly those processes:
         # they are the ones attached to the previous SuperLink's private address.
         old = port_file.read_text().strip()
         if stop_processes_using(f"--runtime-api-address 127.0.0.1:{old} "):
-            print("fedtrain server: stopped the previous coordinator's ServerApp", flush=True)
-
-
-def _superlink_command(home: Path, internal: int, tls: Path | None) -> list[str]:
-    """``flower-superlink`` on 127.0.0.1:``internal``, with TLS and node auth when ``tls``."""
-    link = [
-        "flower-superlink",
-        "--database",
-        str(home / "superlink.db"),
-        "--host",
-        "127.0.0.1",
-        "--port",
-        str(internal),
-        "--disable-runtime-dependency-installation",
-    ]
-    if tls is None:
-        link.append("--insecure")
-    else:
-        link += [
-            "--ssl-ca-certfile",
-            str(tls / "ca.crt"),
-            "--ssl-certfile",
-            str(tls / "server.crt"),
-            "--ssl-keyfile",
-            str(tls / "server.key"),
-            "--enable-supernode-auth",
-        ]
-    return link
+            print(
+                "fedtrain server: stopped the ServerApp a killed coordinator left running",
+                flush=True,
+            )
 
 
 def _start_proxy(
@@ -284,6 +228,16 @@ def _start_proxy(
     return proxy
 
 
+def _prepare_flwr(env: dict[str, str], home: Path, internal: int, tls: Path | None) -> None:
+    """The Flower CLI settings and, with TLS, every silo key registered. Runs before the
+    public port opens: a silo reaching the Fleet API with a key not registered yet would be
+    refused (Flower's node authentication gives no second chance)."""
+    _flwr_config(home, internal, tls / "ca.crt" if tls else None)
+    if tls is not None:
+        silos = _register_keys({**os.environ, **env}, tls)
+        print(f"fedtrain server: registered silo keys: {', '.join(silos) or 'none'}", flush=True)
+
+
 def _submit_run(
     opts: ServerOptions,
     children: Children,
@@ -291,14 +245,9 @@ def _submit_run(
     config_path: Path,
     run_dir: Path,
     tls: Path | None,
-) -> None:
-    """Register the silos' keys (with TLS), write the app bundle and start ``flwr run``."""
-    import os
-
+) -> int:
+    """Write the app bundle and start ``flwr run``; return where this start's log begins."""
     home = run_dir / "flwr"
-    if tls is not None:
-        silos = _register_keys({**os.environ, **env}, tls)
-        print(f"fedtrain server: registered silo keys: {', '.join(silos) or 'none'}", flush=True)
     write_app(
         home / "app",
         {
@@ -309,15 +258,34 @@ def _submit_run(
             "keys-dir": str(tls.resolve()) if tls else "",
         },
     )
+    log_path = children.log_path("run")
+    start = log_path.stat().st_size if log_path.exists() else 0
     children.start("run", ["flwr", "run", str(home / "app"), "coordinator", "--stream"], env)
+    return start
 
 
 def run_server(opts: ServerOptions) -> int:
     """Start everything, stream the run's log, stop everything; return an exit code."""
-    config_path, cfg, run_dir = _resolve_run(opts)
     host, port = _parse_address(opts.address)
     tls = _tls_dir(opts)
-    run_dir.mkdir(parents=True, exist_ok=True)
+    config_path, cfg, run_dir = _load_run(opts)
+    lock = _lock_run_dir(run_dir)
+    try:
+        _check_run_dir(run_dir, cfg)
+        return _serve(opts, config_path, cfg, run_dir, (host, port), tls)
+    finally:
+        lock.close()  # releases the flock
+
+
+def _serve(
+    opts: ServerOptions,
+    config_path: Path,
+    cfg: Config,
+    run_dir: Path,
+    address: tuple[str, int],
+    tls: Path | None,
+) -> int:
+    """The coordinator's processes, in order, with the run directory locked."""
     home = run_dir / "flwr"
     env = {"FLWR_HOME": str(home)}
     children = Children(run_dir / "logs")
@@ -327,23 +295,24 @@ def run_server(opts: ServerOptions) -> int:
     internal = free_port()
     port_file = home / "superlink.port"
     _stop_previous_serverapp(port_file)
+    (run_dir / FAILURE_FILE).unlink(missing_ok=True)  # a previous start's
     home.mkdir(parents=True, exist_ok=True)
     port_file.write_text(str(internal))
     try:
-        children.start("superlink", _superlink_command(home, internal, tls), env)
-        scheme = "https" if tls else "http"
-        upstream = f"{scheme}://127.0.0.1:{internal}"
-        ca = tls / "ca.crt" if tls else None
-        _wait_health(upstream + "/health", ca, lambda: children.procs["superlink"].poll() is None)
-        proxy = _start_proxy(cfg, (host, port), upstream, tls, run_dir)
+        children.start("superlink", superlink_command(home, internal, tls), env)
+        upstream = f"{'https' if tls else 'http'}://127.0.0.1:{internal}"
+        alive = children.procs["superlink"].poll
+        wait_health(upstream + "/health", tls / "ca.crt" if tls else None, lambda: alive() is None)
+        _prepare_flwr(env, home, internal, tls)
+        proxy = _start_proxy(cfg, address, upstream, tls, run_dir)
         print(
-            f"fedtrain server: fleet API on {host}:{proxy.port} ({'TLS' if tls else 'insecure'}); "
-            f"control API kept on 127.0.0.1:{internal}; run dir {run_dir}",
+            f"fedtrain server: fleet API on {address[0]}:{proxy.port} "
+            f"({'TLS' if tls else 'insecure'}); control API kept on 127.0.0.1:{internal}; "
+            f"run dir {run_dir}",
             flush=True,
         )
-        _flwr_config(home, internal, ca)
-        _submit_run(opts, children, env, config_path, run_dir, tls)
-        rc = _follow(children, run_dir)
+        start = _submit_run(opts, children, env, config_path, run_dir, tls)
+        rc = _follow(children, run_dir, start)
     except Stop as e:
         print(f"fedtrain server: {e} received, stopping", flush=True)
         rc = 130
@@ -357,35 +326,60 @@ def run_server(opts: ServerOptions) -> int:
     return rc
 
 
-def _follow(children: Children, run_dir: Path) -> int:
-    """Echo the run's log until ``flwr run`` exits; fail if the SuperLink dies first."""
+FAILED_GRACE_S = 5.0
+"""After the ServerApp recorded a failure, how long ``flwr run`` may keep streaming its last
+lines (it otherwise waits about a minute for the SuperLink to mark the run finished)."""
+
+
+def _follow(children: Children, run_dir: Path, pos: int) -> int:
+    """Echo the run's log from ``pos`` until ``flwr run`` exits or the ServerApp records a
+    failure; fail if the SuperLink dies first."""
     log_path = children.log_path("run")
-    pos = 0
+    failed_at: float | None = None
     while True:
         pos = _echo(log_path, pos)
-        dead = children.exited()
+        dead: tuple[str, int | None] | None = children.exited()
+        if failed_at is None and _read_failure(run_dir) is not None:
+            failed_at = time.monotonic()
+        if dead is None and failed_at is not None:
+            if time.monotonic() - failed_at > FAILED_GRACE_S:
+                dead = ("run", None)
         if dead is not None:
-            name, code = dead
-            pos = _echo(log_path, pos)
-            if name != "run":
-                print(
-                    f"fedtrain server: {name} exited with code {code}:\n"
-                    + tail(children.log_path(name)),
-                    file=sys.stderr,
-                    flush=True,
-                )
-                return 1
-            if (run_dir / "summary.json").exists():
-                print(f"fedtrain server: run finished; outputs in {run_dir}", flush=True)
-                return 0
-            print(
-                f"fedtrain server: the run ended without a summary (flwr run exit {code}); "
-                f"see {log_path}",
-                file=sys.stderr,
-                flush=True,
-            )
-            return 1
+            _echo(log_path, pos)
+            return _ended(children, run_dir, *dead)
         time.sleep(0.3)
+
+
+def _ended(children: Children, run_dir: Path, name: str, code: int | None) -> int:
+    """Report how the run ended (on the terminal and in the run's log); the exit code."""
+    log_path = children.log_path("run")
+    if name != "run":
+        _report(
+            log_path,
+            f"{name} exited with code {code}:\n" + tail(children.log_path(name)),
+        )
+        return 1
+    if (run_dir / "summary.json").exists():
+        print(f"fedtrain server: run finished; outputs in {run_dir}", flush=True)
+        return 0
+    reason = _read_failure(run_dir)
+    if reason is not None:
+        _report(log_path, f"the run failed: {reason}")
+    else:
+        status = "still running" if code is None else f"exit {code}"
+        _report(log_path, f"the run ended without a summary (flwr run {status}); see {log_path}")
+    return 1
+
+
+def _report(log_path: Path, message: str) -> None:
+    """A launcher error: on stderr and appended to the run's log."""
+    line = f"fedtrain server: {message}"
+    print(line, file=sys.stderr, flush=True)
+    try:
+        with log_path.open("a") as f:
+            f.write(line + "\n")
+    except OSError:
+        pass
 
 
 def _echo(path: Path, pos: int) -> int:

@@ -111,3 +111,21 @@ def metrics(run_dir: Path) -> list[dict[str, Any]]:
     if not path.exists():
         return []
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+LOCAL_SH_TINY = (
+    "model.preset=tiny; data.tokenizer=byte; data.max_chars=400000; run.rounds=2; "
+    "run.eval_batches=4; train.inner_steps=5; train.batch_size=4; train.seq_len=32; "
+    "round.timeout_s=90"
+)
+"""``FEDTRAIN_SET`` for ``examples/deploy/local.sh``: its deployment, small enough for a test."""
+
+
+def fedtrain_on_path(bin_dir: Path) -> str:
+    """A ``PATH`` whose ``fedtrain`` runs this interpreter's fedtrain (with this checkout's
+    ``PYTHONPATH``), ahead of the rest of ``PATH``."""
+    bin_dir.mkdir(parents=True, exist_ok=True)
+    exe = bin_dir / "fedtrain"
+    exe.write_text(f'#!/bin/sh\nexec "{sys.executable}" -m fedtrain.cli.main "$@"\n')
+    exe.chmod(0o755)
+    return f"{bin_dir}{os.pathsep}{os.environ.get('PATH', '')}"
