@@ -38,7 +38,7 @@ def main(grid: Grid, context: Context) -> None:
     config = str(rc.get("config", "")) or str(packaged_example("deploy"))
     overrides = [s.strip() for s in str(rc.get("set", "")).split(";") if s.strip()]
     try:
-        cfg = load_config(config, overrides)
+        cfg = load_config(config, overrides, purpose="deploy")
         run_dir = Path(str(rc.get("run-dir", "")) or Path("runs") / cfg.run.name).resolve()
         keys = str(rc.get("keys-dir", ""))
         serve(

@@ -196,7 +196,7 @@ def _resolve_run(opts: ServerOptions) -> tuple[Path, Config, Path]:
     from fedtrain.config import config_sha256, load_config, packaged_example
 
     config_path = opts.config or packaged_example("deploy")
-    cfg = load_config(config_path, list(opts.overrides))
+    cfg = load_config(config_path, list(opts.overrides), purpose="deploy")
     check_deployable(cfg)
     run_dir = (opts.run_dir or Path("runs") / cfg.run.name).resolve()
     if (run_dir / "summary.json").exists():
