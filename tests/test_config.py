@@ -88,3 +88,41 @@ def test_token_budget_sets_the_inner_step_count():
     )
     # 100000 tokens / (4 silos · 8 · 128 tokens per step) = 24.4 -> 25 steps per silo.
     assert cfg.total_inner_steps() == 25
+
+
+def test_every_rule_across_sections_is_reported_at_once():
+    # The quickstart's profiles add up to 4 silos and round.min_silos is 3.
+    with pytest.raises(ConfigError) as e:
+        load_config(
+            ROOT / "examples" / "quickstart.toml",
+            ["data.silos=2", "faults.inject=['kill@silo7:3']", "strategy.trim_fraction=0.7"],
+        )
+    lines = str(e.value).splitlines()
+    assert [line.partition(":")[0] for line in lines] == [
+        "simulation.profiles",
+        "round.min_silos",
+        "strategy.trim_fraction",
+        "faults.inject",
+    ]
+    assert lines[0] == (
+        "simulation.profiles: '4 silos' is not allowed; expected counts adding up to data.silos = 2"
+    )
+    assert lines[1] == "round.min_silos: 3 is not allowed; expected at most data.silos = 2"
+
+
+def test_a_single_broken_rule_keeps_its_own_message():
+    with pytest.raises(ConfigError) as e:
+        load_config(None, ["round.min_silos=9"])
+    assert str(e.value) == "round.min_silos: 9 is not allowed; expected at most data.silos = 4"
+
+
+def test_deployment_ignores_the_simulated_silo_profiles():
+    quickstart = ROOT / "examples" / "quickstart.toml"
+    with pytest.raises(ConfigError, match="simulation.profiles"):
+        load_config(quickstart, ["data.silos=3"])
+    cfg = load_config(quickstart, ["data.silos=3"], purpose="deploy")
+    assert cfg.data.silos == 3 and cfg.simulation.profiles == []
+    # The other rules still hold in deployment.
+    with pytest.raises(ConfigError) as e:
+        load_config(quickstart, ["data.silos=2"], purpose="deploy")
+    assert str(e.value) == "round.min_silos: 3 is not allowed; expected at most data.silos = 2"

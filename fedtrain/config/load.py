@@ -10,7 +10,7 @@ import sys
 import types
 import typing
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from fedtrain.config.errors import ConfigError
 from fedtrain.config.root import Config
@@ -150,8 +150,18 @@ def packaged_example(name: str = "quickstart") -> Path:
     return path
 
 
-def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
-    """Load a TOML run config (default: the packaged quickstart) and apply overrides."""
+def load_config(
+    path: str | Path | None = None,
+    overrides: list[str] | None = None,
+    *,
+    purpose: Literal["run", "deploy"] = "run",
+) -> Config:
+    """Load a TOML run config (default: the packaged quickstart) and apply overrides.
+
+    With ``purpose="deploy"`` (``fedtrain server``) the simulated silos' hardware profiles
+    (``simulation.profiles``) are dropped before validation: they describe virtual silos, so
+    a deployment neither checks them against ``data.silos`` nor writes them into its run.
+    """
     p = Path(path) if path is not None else packaged_example()
     try:
         data = tomllib.loads(p.read_text())
@@ -159,4 +169,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         raise ConfigError(f"config file not found: {p}") from None
     except tomllib.TOMLDecodeError as e:
         raise ConfigError(f"{p}: invalid TOML: {e}") from None
-    return config_from_dict(apply_overrides(data, overrides or []))
+    data = apply_overrides(data, overrides or [])
+    if purpose == "deploy" and isinstance(data.get("simulation"), dict):
+        data["simulation"].pop("profiles", None)
+    return config_from_dict(data)

@@ -43,7 +43,7 @@ def main(grid: Grid, context: Context) -> None:
     given = str(rc.get("run-dir", ""))
     run_dir = Path(given).resolve() if given else None
     try:
-        cfg = load_config(config, overrides)
+        cfg = load_config(config, overrides, purpose="deploy")
         run_dir = run_dir or (Path("runs") / cfg.run.name).resolve()
         keys = str(rc.get("keys-dir", ""))
         serve(

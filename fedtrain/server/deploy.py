@@ -158,7 +158,7 @@ def _run_config(
 
     resume = (run_dir / "index.sqlite").exists()
     if not resume:
-        return load_config(config or None, overrides or []), False
+        return load_config(config or None, overrides or [], purpose="deploy"), False
     if (run_dir / "summary.json").exists():
         raise RunExists(f"{run_dir}: the run already finished")
     cfg = load_config(run_dir / "config.toml")

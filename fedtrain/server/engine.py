@@ -22,6 +22,8 @@ class Reply:
     """Seconds after the round started at which it arrived (engine clock: virtual or real)."""
     error: str | None = None
     """Why the silo failed, if it did."""
+    node: int | None = None
+    """Flower node id it came from, where known (for the failure log line)."""
 
 
 class Engine(Protocol):

@@ -5,11 +5,10 @@ with its own push/pull loop (a short poll instead of ``send_and_receive``'s 3 s 
 same coordinator round loop, strategies, validation and run store serve simulation and
 deployment.
 
-Silos are Flower nodes. A node becomes a silo by answering ``hello`` (the run manifest plus the
-tokenizer) with its silo name; a silo that refuses the manifest is logged with the reason and
-left out. Each silo reports which global *version* its anchor holds and which snapshots it
-keeps (:mod:`fedtrain.client.daemon`); the engine sends the round's outer update only to a silo
-that will hold the version the update applies to, and full weights to any other (a restarted or
+Silos join through :class:`~fedtrain.server.roster.NodeRoster` (hello, leave, rejoin). Each
+silo reports which global *version* its anchor holds and which snapshots it keeps
+(:mod:`fedtrain.client.daemon`); the engine sends the round's outer update only to a silo that
+will hold the version the update applies to, and full weights to any other (a restarted or
 lagging silo), so no silo ever applies an update on top of the wrong weights.
 """
 
@@ -23,20 +22,16 @@ from typing import Any
 from flwr.app import Message
 from flwr.serverapp import Grid
 
-from fedtrain.protocol.records import from_content, to_content
 from fedtrain.protocol.work import Work, work_to_json
 from fedtrain.server.engine import Reply
+from fedtrain.server.roster import DeploymentError, NodeRoster, _silo_state
 
 __all__ = ["DeploymentError", "FlowerEngine"]
 
 log = logging.getLogger("fedtrain.server")
 
 
-class DeploymentError(RuntimeError):
-    """The deployment cannot go on (silos missing, run directory busy, ...)."""
-
-
-class FlowerEngine:
+class FlowerEngine(NodeRoster):
     """Rounds over Flower nodes; see the module docstring."""
 
     def __init__(
@@ -50,133 +45,34 @@ class FlowerEngine:
         weights: Callable[[int], bytes],
         poll_s: float = 0.1,
         hello_timeout_s: float = 60.0,
+        rejoin_wait_s: float = 30.0,
+        leave_timeout_s: float = 10.0,
         on_event: Callable[..., None] | None = None,
         public_keys: dict[str, Any] | None = None,
     ) -> None:
-        self.grid = grid
-        self.silos = list(silos)
+        super().__init__(
+            grid,
+            silos=silos,
+            run_id=run_id,
+            manifest=manifest,
+            tokenizer=tokenizer,
+            poll_s=poll_s,
+            hello_timeout_s=hello_timeout_s,
+            rejoin_wait_s=rejoin_wait_s,
+            leave_timeout_s=leave_timeout_s,
+            on_event=on_event,
+        )
         self.public_keys: dict[str, Any] = dict(public_keys or {})
         """Silo -> its update-signing public key (empty: the run signs nothing)."""
         self.measured_step_time_s: float | None = None
         """Real silos time themselves: nothing is measured here."""
-        self.run_id = run_id
-        self.manifest = manifest
-        self.tokenizer = tokenizer
         self.weights = weights
         """Full global weights, encoded, for a silo that needs resyncing (arg: round)."""
-        self.poll_s = poll_s
-        self.hello_timeout_s = hello_timeout_s
-        self.on_event = on_event or (lambda kind, **kw: None)
-        self.nodes: dict[str, int] = {}
-        self.state: dict[str, dict[str, Any] | None] = dict.fromkeys(self.silos)
-        """Each silo's last reported version / work round / snapshots (None: unknown)."""
         self.version = 0
         """Global version: number of outer updates broadcast so far."""
-        self.refused: dict[int, str] = {}
-        self._greeted: set[int] = set()
-        self._hellos: dict[str, tuple[int, float]] = {}
         self.compute_s: dict[str, float] = dict.fromkeys(self.silos, 0.0)
         self.resync_bytes = 0
         self._joined: set[str] = set()
-
-    # ------------------------------------------------------------ messaging
-    def _message(
-        self, node: int, header: dict[str, Any], blobs: dict[str, bytes], ttl: float
-    ) -> Message:
-        content = to_content({**header, "run_id": self.run_id}, blobs)
-        return Message(content=content, dst_node_id=node, message_type="train", ttl=ttl)
-
-    def _pull(self, ids: list[str]) -> list[tuple[str, dict[str, Any], dict[str, bytes]]]:
-        """Replies that arrived for ``ids``: (message id, header, blobs); Flower errors become
-        error headers. Only pull what is outstanding: a pulled reply is gone from the SuperLink."""
-        out = []
-        for msg in self.grid.pull_messages(ids):
-            mid = msg.metadata.reply_to_message_id
-            if msg.has_error():
-                header: dict[str, Any] = {"status": "error", "reason": msg.error.reason}
-                blobs: dict[str, bytes] = {}
-            else:
-                try:
-                    header, blobs = from_content(msg.content)
-                except (ValueError, KeyError) as e:
-                    header, blobs = {"status": "error", "reason": f"malformed reply: {e}"}, {}
-            out.append((mid, header, blobs))
-        return out
-
-    # -------------------------------------------------------------- joining
-    def _discover(self) -> None:
-        """Send the manifest to nodes not greeted yet."""
-        new = [n for n in self.grid.get_node_ids() if n not in self._greeted]
-        if not new:
-            return
-        msgs = [
-            self._message(
-                n,
-                {"op": "hello", "manifest": self.manifest},
-                {"tokenizer": self.tokenizer},
-                ttl=self.hello_timeout_s + 60,
-            )
-            for n in new
-        ]
-        for node, mid in zip(new, self.grid.push_messages(msgs), strict=True):
-            self._greeted.add(node)
-            self._hellos[mid] = (node, time.monotonic())
-
-    def _absorb_hellos(self) -> None:
-        if not self._hellos:
-            return
-        for mid, header, _ in self._pull(list(self._hellos)):
-            node, _ = self._hellos.pop(mid)
-            silo = header.get("silo")
-            if header.get("status") != "ok":
-                reason = header.get("reason", "unknown")
-                self.refused[node] = reason
-                log.warning("node %d (silo %s) refused the run: %s", node, silo or "?", reason)
-                self.on_event("silo_refused", node=node, silo=silo, reason=reason)
-                continue
-            if silo not in self.state:
-                reason = f"silo name {silo!r} is not in this run"
-                self.refused[node] = reason
-                log.warning("node %d refused: %s", node, reason)
-                self.on_event("silo_refused", node=node, silo=silo, reason=reason)
-                continue
-            old = self.nodes.get(silo)
-            self.nodes[silo] = node
-            self.state[silo] = _silo_state(header)
-            log.info(
-                "silo %s connected (node %d, %s process(es), global version %s)%s",
-                silo,
-                node,
-                header.get("nproc"),
-                header.get("version"),
-                f", replacing node {old}" if old not in (None, node) else "",
-            )
-            self.on_event("silo_joined", silo=silo, node=node, version=header.get("version"))
-        now = time.monotonic()
-        for mid, (node, sent) in list(self._hellos.items()):
-            if now - sent > self.hello_timeout_s:
-                del self._hellos[mid]
-                log.warning("node %d did not answer the manifest in %.0fs", node, now - sent)
-
-    def connect(self, timeout_s: float) -> None:
-        """Wait until every configured silo has accepted the manifest."""
-        start = last = time.monotonic()
-        while True:
-            self._discover()
-            self._absorb_hellos()
-            missing = [s for s in self.silos if s not in self.nodes]
-            if not missing:
-                return
-            now = time.monotonic()
-            if now - start > timeout_s:
-                raise DeploymentError(
-                    f"silos {', '.join(missing)} did not join within {timeout_s:.0f}s"
-                    + (f" (refused: {sorted(set(self.refused.values()))})" if self.refused else "")
-                )
-            if now - last > 15:
-                log.info("waiting for silos: %s", ", ".join(missing))
-                last = now
-            time.sleep(max(self.poll_s, 0.25))
 
     # --------------------------------------------------------------- rounds
     def _effective_version(self, silo: str, rnd: int) -> int | None:
@@ -206,20 +102,63 @@ class FlowerEngine:
         downlink: bytes | None,
         deadline_s: float,
     ) -> Iterator[Reply]:
+        targets = list(work) if work is not None else list(self.silos)
         self._discover()
         self._absorb_hellos()
+        self._await_rejoins(targets, min(self.rejoin_wait_s, deadline_s / 2))
         base = self.version
         if downlink is not None:
             self.version += 1
-        targets = list(work) if work is not None else list(self.silos)
+        msgs = self._outgoing(op, rnd, targets, work, downlink, base, deadline_s)
+        start = time.monotonic()
+        pushed = self.grid.push_messages(list(msgs.values())) if msgs else []
+        ids = dict(zip(pushed, msgs, strict=True))
+        yield from self._unsent([s for s in targets if s not in msgs])
+        try:
+            while ids:
+                elapsed = time.monotonic() - start
+                if elapsed > deadline_s:
+                    break
+                for mid, header, blobs in self._pull(list(ids)):
+                    silo = ids.pop(mid)
+                    arrival = time.monotonic() - start
+                    yield self._reply(silo, rnd, header, blobs, arrival)
+                self._absorb_hellos()
+                if ids:
+                    time.sleep(self.poll_s)
+            for silo in list(ids.values()):
+                self.state[silo] = None
+                yield Reply(
+                    silo=silo,
+                    payload=None,
+                    arrival_s=time.monotonic() - start,
+                    error=f"no reply within {deadline_s:.0f}s",
+                    node=self.nodes.get(silo),
+                )
+            ids.clear()
+        finally:
+            for silo in ids.values():  # the coordinator closed the round early
+                self.state[silo] = None
+
+    def _outgoing(
+        self,
+        op: str,
+        rnd: int,
+        targets: list[str],
+        work: dict[str, Work] | None,
+        downlink: bytes | None,
+        base: int,
+        deadline_s: float,
+    ) -> dict[str, Message]:
+        """Silo -> its message: the update for a silo that will hold ``base``, full weights for
+        any other; none for a silo not connected or rejoining."""
         # Wall-clock end of the round, for a silo's fault hooks (drop holds its reply past it).
         deadline_unix = round(time.time() + deadline_s, 3)
         full: bytes | None = None
-        msgs, missing = {}, []
+        msgs = {}
         for silo in targets:
             node = self.nodes.get(silo)
-            if node is None:
-                missing.append(silo)
+            if node is None or silo in self._rejoining:
                 continue
             header: dict[str, Any] = {
                 "op": op,
@@ -242,35 +181,23 @@ class FlowerEngine:
                     self.on_event("resync", round=rnd, silo=silo, bytes_down=len(full), had=have)
                 self._joined.add(silo)
             msgs[silo] = self._message(node, header, blobs, ttl=deadline_s + 60)
-        start = time.monotonic()
-        ids = dict(zip(self.grid.push_messages(list(msgs.values())), msgs, strict=True))
-        for silo in missing:
+        return msgs
+
+    def _unsent(self, silos: list[str]) -> Iterator[Reply]:
+        """Failed replies for silos sent nothing: not connected, or not rejoined yet."""
+        for silo in silos:
             self.state[silo] = None
-            yield Reply(silo=silo, payload=None, arrival_s=0.0, error="silo not connected")
-        try:
-            while ids:
-                elapsed = time.monotonic() - start
-                if elapsed > deadline_s:
-                    break
-                for mid, header, blobs in self._pull(list(ids)):
-                    silo = ids.pop(mid)
-                    arrival = time.monotonic() - start
-                    yield self._reply(silo, rnd, header, blobs, arrival)
-                self._absorb_hellos()
-                if ids:
-                    time.sleep(self.poll_s)
-            for silo in list(ids.values()):
-                self.state[silo] = None
-                yield Reply(
-                    silo=silo,
-                    payload=None,
-                    arrival_s=time.monotonic() - start,
-                    error=f"no reply within {deadline_s:.0f}s",
-                )
-            ids.clear()
-        finally:
-            for silo in ids.values():  # the coordinator closed the round early
-                self.state[silo] = None
+            node = self.nodes.get(silo)
+            if node is None:
+                yield Reply(silo=silo, payload=None, arrival_s=0.0, error="silo not connected")
+                continue
+            refused = self.refused.get(node)
+            why = (
+                f"refused the manifest again: {refused}"
+                if refused
+                else "restarted; it has not accepted the manifest again yet"
+            )
+            yield Reply(silo=silo, payload=None, arrival_s=0.0, error=why, node=node)
 
     def _current(self, silo: str) -> int | None:
         st = self.state.get(silo)
@@ -281,10 +208,16 @@ class FlowerEngine:
     ) -> Reply:
         node = self.nodes.get(silo)
         if header.get("status") != "ok":
+            # Not logged here: the round loop logs each failure once, with the node id.
             self.state[silo] = None
+            if header.get("need_hello") and node is not None:
+                # The silo restarted without the run (under node authentication it keeps its
+                # node id, so discovery alone never sees a new node): greet it again, and send
+                # it nothing more until it has accepted the manifest.
+                self._greeted.discard(node)
+                self._rejoining.add(silo)
             reason = str(header.get("reason", "unknown error"))
-            log.warning("silo %s (node %s) failed in round %d: %s", silo, node, rnd, reason)
-            return Reply(silo=silo, payload=None, arrival_s=arrival, error=reason)
+            return Reply(silo=silo, payload=None, arrival_s=arrival, error=reason, node=node)
         self.state[silo] = _silo_state(header)
         if "compute_s" in header:
             self.compute_s[silo] += float(header["compute_s"])
@@ -302,7 +235,7 @@ class FlowerEngine:
                 mailbox_peak_rss=header.get("mailbox_peak_rss"),
                 daemon_peak_rss=header.get("daemon_peak_rss"),
             )
-        return Reply(silo=silo, payload=blobs.get("payload", b""), arrival_s=arrival)
+        return Reply(silo=silo, payload=blobs.get("payload", b""), arrival_s=arrival, node=node)
 
     def finish(self, downlink: bytes | None) -> int:
         """Deliver the last outer update (or full weights) so silos end on the final model."""
@@ -334,11 +267,3 @@ class FlowerEngine:
 
     def utilisation(self) -> float | None:
         return None
-
-
-def _silo_state(header: dict[str, Any]) -> dict[str, Any]:
-    return {
-        "version": int(header.get("version", -1)),
-        "work_round": int(header.get("work_round", 0)),
-        "snapshots": [tuple(x) for x in header.get("snapshots", [])],
-    }

@@ -134,7 +134,7 @@ def _load_run(opts: ServerOptions) -> tuple[Path, Config, Path]:
     from fedtrain.config import load_config, packaged_example
 
     config_path = opts.config or packaged_example("deploy")
-    cfg = load_config(config_path, list(opts.overrides))
+    cfg = load_config(config_path, list(opts.overrides), purpose="deploy")
     check_deployable(cfg)
     run_dir = (opts.run_dir or Path("runs") / cfg.run.name).resolve()
     return Path(config_path), cfg, run_dir
@@ -147,7 +147,7 @@ def _check_run_dir(run_dir: Path, cfg: Config) -> None:
     if (run_dir / "summary.json").exists():
         raise ValueError(f"{run_dir}: the run already finished; choose another --run-dir")
     if (run_dir / "config.toml").exists():
-        started = load_config(run_dir / "config.toml")
+        started = load_config(run_dir / "config.toml", purpose="deploy")
         if config_sha256(started) != config_sha256(cfg):
             raise ValueError(
                 f"{run_dir} holds a run with a different config; choose another --run-dir"

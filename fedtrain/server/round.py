@@ -318,7 +318,8 @@ class RoundIntake:
         elif verdict.kind == "failed":
             led.rejected += 1
             self.store.event("failed", round=rnd, silo=reply.silo, reason=reply.error)
-            log.warning("silo %s failed in round %d: %s", reply.silo, rnd, reply.error)
+            at = "" if reply.node is None else f" (node {reply.node})"
+            log.warning("silo %s%s failed in round %d: %s", reply.silo, at, rnd, reply.error)
         elif verdict.kind == "accept":
             assert sent is not None and reply.payload is not None
             try:
