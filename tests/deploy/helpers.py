@@ -111,3 +111,25 @@ def metrics(run_dir: Path) -> list[dict[str, Any]]:
     if not path.exists():
         return []
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def make_keys(directory: Path, *silos: str) -> Path:
+    """``fedtrain keys init DIRECTORY --silo S ...`` for 127.0.0.1 (CA, server and silo keys)."""
+    args = [sys.executable, "-m", "fedtrain.cli.main", "keys", "init", str(directory)]
+    for s in silos:
+        args += ["--silo", s]
+    subprocess.run([*args, "--san", "127.0.0.1"], check=True, capture_output=True)
+    return directory
+
+
+def silo_tls_args(keys: Path, silo: str) -> list[str]:
+    """``fedtrain client`` options for TLS, node authentication and signing from ``keys``."""
+    own = keys / "silos" / silo
+    return [
+        "--tls-ca",
+        str(keys / "ca.crt"),
+        "--auth-key",
+        str(own / "auth_key"),
+        "--signing-key",
+        str(own / "sign_key"),
+    ]
