@@ -238,7 +238,7 @@ def run_client(opts: ClientOptions) -> int:
     return rc
 
 
-def _shutdown_daemon(children: Children, sock: str, timeout_s: float = 30.0) -> None:
+def _shutdown_daemon(children: Children, sock: str, timeout_s: float = 20.0) -> None:
     """Ask the daemon to exit over its socket and wait for torchrun to end by itself (a
     SIGTERM to torchrun leaves its SignalException traceback in the daemon log)."""
     from fedtrain.protocol.localapi import LocalAPIError, request

@@ -54,6 +54,8 @@ _NEEDS_TLS = "TLS: the coordinator requires TLS (pass --tls-ca with its CA certi
 _PROBE_EVERY_S = 10.0
 """An insecure SuperNode not connected after this long: check whether the coordinator speaks
 TLS (Flower's SuperNode retries a TLS server over plain HTTP forever, logging no reason)."""
+_WINDOW = 1 << 14
+"""How much of an attempt's log is kept to look for markers (its most recent part)."""
 _REPLY_GRACE_S = 30.0
 """After ``finished``: how long the SuperNode gets to send the daemon's last reply."""
 
@@ -96,13 +98,13 @@ def _speaks_tls(server: str, timeout_s: float = 5.0) -> bool | None:
         return None
 
 
-def _read_since(path: Path, offset: int) -> str:
+def _read_since(path: Path, offset: int) -> bytes:
     try:
         with path.open("rb") as f:
             f.seek(offset)
-            return f.read().decode(errors="replace")
+            return f.read()
     except OSError:
-        return ""
+        return b""
 
 
 def _size(path: Path) -> int:
@@ -185,6 +187,8 @@ class Watch:
         self.tls_known = tls
         self.attempt_at = 0.0
         self.offset = 0
+        self.text = ""
+        """The current attempt's log (its last :data:`_WINDOW` characters)."""
         self.connected = False
         self.first_refused: float | None = None
         self.backoff = 1.0
@@ -192,6 +196,7 @@ class Watch:
     def start(self) -> None:
         """Start (or restart) the SuperNode; its log is read from here on."""
         self.offset = _size(self.log)
+        self.text = ""
         self.attempt_at = time.monotonic()
         self.connected = False
         self.children.start("supernode", self.node, self.env)
@@ -221,7 +226,9 @@ class Watch:
         say(f"connecting to {self.server}")
         next_probe = time.monotonic() + _PROBE_EVERY_S
         while True:
-            text = _read_since(self.log, self.offset)
+            chunk = _read_since(self.log, self.offset)
+            self.offset += len(chunk)
+            self.text = text = (self.text + chunk.decode(errors="replace"))[-_WINDOW:]
             if not self.connected and "SuperNode ID:" in text:
                 self.connected = self.tls_known = True
                 node_id = text.split("SuperNode ID:", 1)[1].split()[0]
@@ -271,7 +278,7 @@ class Watch:
         start = _size(self.log)
         deadline = time.monotonic() + _REPLY_GRACE_S
         while time.monotonic() < deadline and self.children.exited() is None:
-            if "Sent successfully" in _read_since(self.log, start):
+            if b"Sent successfully" in _read_since(self.log, start):
                 return
             time.sleep(0.2)
 
