@@ -89,6 +89,9 @@ def client(
     threads: Annotated[
         int, typer.Option("--threads", help="Torch threads per process (0: cores / nproc).")
     ] = 0,
+    stay: Annotated[
+        bool, typer.Option("--stay", help="Keep serving after a run finishes (the next run).")
+    ] = False,
 ) -> None:
     """Join a run as a silo: the trainer daemon (torchrun, FSDP) and a Flower SuperNode."""
     with user_errors(ValueError, RuntimeError, OSError):
@@ -105,6 +108,7 @@ def client(
                 auth_key=auth_key,
                 signing_key=signing_key,
                 threads=threads,
+                stay=stay,
             )
         )
     if rc:

@@ -3,6 +3,7 @@
 Flower starts this app in a fresh process for every message, so it holds no state and imports
 no torch: it forwards the message's header and payload bytes to the daemon's Unix socket (named
 in the SuperNode's ``--node-config``: ``silo`` and ``socket``) and returns the daemon's reply.
+A ``shutdown`` request is the launcher's alone and is not forwarded.
 """
 
 from __future__ import annotations
@@ -17,9 +18,12 @@ from fedtrain.protocol.localapi import LocalAPIError, request
 from fedtrain.protocol.records import from_content, to_content
 from fedtrain.runtime.children import peak_rss_bytes
 
-__all__ = ["app"]
+__all__ = ["LOCAL_ONLY", "app"]
 
 app = ClientApp()
+
+LOCAL_ONLY = ("shutdown",)
+"""Daemon requests only the silo's own launcher may make (never forwarded from the network)."""
 
 
 @app.train()
@@ -35,6 +39,9 @@ def forward(msg: Message, context: Context) -> Message:
     if not path:
         missing = {"status": "error", "silo": silo, "reason": "node config has no 'socket'"}
         return Message(to_content(missing, {}), reply_to=msg)
+    if header.get("op") in LOCAL_ONLY:
+        local = {"status": "error", "silo": silo, "reason": f"{header['op']!r} is local only"}
+        return Message(to_content(local, {}), reply_to=msg)
     reply: dict[str, Any]
     try:
         reply, out = request(str(path), header, blobs)

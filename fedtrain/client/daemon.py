@@ -1,4 +1,4 @@
-"""The silo trainer daemon: ``torchrun --nproc-per-node N -m fedtrain.client.daemon ...``.
+"""The silo trainer daemon (started as ``torchrun ... -m fedtrain.client.daemon_main``).
 
 It owns, for the whole run, the FSDP-sharded model, the inner AdamW state, the data position
 and the error-feedback residual, and answers the mailbox ClientApp on a Unix socket
@@ -13,6 +13,16 @@ Requests (``header["op"]``):
   of global version ``base_version``) or full global ``weights``. Replies with the encoded
   update.
 - ``finish``: the last outer update.
+- ``leave``: the coordinator says this silo is not in the run (``reason``); recorded, answered.
+- ``shutdown``: the launcher stops the daemon (it answers, then exits cleanly).
+
+A request for a run this process has not opened (a restarted silo keeps its Flower node id
+under node authentication, so the coordinator does not greet it again) first resumes that run
+from the work dir (its manifest and newest snapshot); failing that, the error reply carries
+``need_hello: true`` so the coordinator sends the manifest again.
+
+What the operator sees: every join, round, refusal and the end of the run is appended to
+``<work dir>/events.jsonl`` (:mod:`fedtrain.client.events`), which ``fedtrain client`` prints.
 
 Versions and rollback: the daemon tracks which global version its anchor holds and refuses an
 update meant for another version (the coordinator then sends full weights). After each round's
@@ -27,37 +37,43 @@ as in simulation. Only rank 0 serves requests, so only rank 0 injects; unset, no
 
 The parts: this module (requests and the entry point), :mod:`~fedtrain.client.listener` (the
 socket loop), :mod:`~fedtrain.client.snapshots` (per-round state) and
-:mod:`~fedtrain.client.ranks` (what every rank builds; how ranks > 0 follow).
+:mod:`~fedtrain.client.ranks` (what every rank builds; how ranks > 0 follow),
+:mod:`~fedtrain.client.daemon_main` (the process entry point).
 """
 
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import logging
 import os
-import sys
 import time
-from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
 import torch
 import torch.distributed as dist
 
+from fedtrain.client.events import EVENTS_FILE, EventLog
 from fedtrain.client.listener import serve_socket
-from fedtrain.client.ranks import announce_top, build_run, follow
+from fedtrain.client.ranks import announce_top, build_run
 from fedtrain.client.snapshots import Snapshots
 from fedtrain.runtime.children import peak_rss_bytes
 
 log = logging.getLogger("fedtrain.daemon")
 
-__all__ = ["Daemon", "Refused", "main"]
+__all__ = ["Daemon", "Refused"]
 
 
 class Refused(RuntimeError):
-    """The request cannot be served; the reason goes back to the coordinator."""
+    """The request cannot be served; the reason goes back to the coordinator.
+
+    ``need_hello``: the silo has no manifest for the request's run (the coordinator should
+    send ``hello`` again)."""
+
+    def __init__(self, reason: str, need_hello: bool = False) -> None:
+        super().__init__(reason)
+        self.need_hello = need_hello
 
 
 class Daemon:
@@ -86,6 +102,9 @@ class Daemon:
         """Global version the anchor holds (-1: none yet)."""
         self.work_round = 0
         """Last round whose work this daemon did."""
+        self.events = EventLog(self.work_dir / EVENTS_FILE)
+        self.stopping = False
+        """Set by a ``shutdown`` request: the socket loop ends after answering it."""
 
     # -------------------------------------------------------------- run state
     def _open_run(self, manifest: dict[str, Any], tokenizer: bytes) -> None:
@@ -116,13 +135,23 @@ class Daemon:
         self.heldout = sd.heldout
         self.run_id, self.run_dir = run_id, run_dir
         snaps = self._snaps().paths()
+        resumed: int | None = None
         if snaps:
             self._restore(snaps[-1])
+            resumed = self.work_round
             log.info("silo %s resumed run %s at round %d", self.silo, run_id, self.work_round)
         else:
             self.version, self.work_round = -1, 0
             self._snapshot()
             log.info("silo %s joined run %s (%s)", self.silo, run_id, sd.source)
+        self.events.emit(
+            "joined",
+            run_id=run_id,
+            preset=cfg.model.preset,
+            params=sum(int(t.numel()) for t in trainer.anchor.values()),
+            codec=cfg.transport.codec,
+            resumed_round=resumed,
+        )
 
     def reopen(self, run_id: str) -> bool:
         """Open ``run_id`` from this work dir (its manifest, tokenizer and newest snapshot), as
@@ -162,15 +191,42 @@ class Daemon:
         try:
             if op == "hello":
                 return self._hello(header, blobs)
-            if self.worker is None or header.get("run_id") != self.run_id:
-                raise Refused("no manifest for this run yet (hello first)")
+            if op == "shutdown":
+                self.stopping = True
+                return {"status": "ok", "silo": self.silo}, {}
+            if op == "leave":
+                return self._leave(header)
+            run_id = str(header.get("run_id", ""))
+            if run_id != self.run_id:
+                self._resume(run_id)
             if op == "round":
                 return self._round(header, blobs)
             if op == "finish":
                 return self._finish(header, blobs)
             raise Refused(f"unknown request {op!r}")
         except Refused as e:
-            return {"status": "error", "silo": self.silo, "reason": str(e)}, {}
+            if op == "round":
+                self.events.emit("round_failed", round=header.get("round"), reason=str(e))
+            err: dict[str, Any] = {"status": "error", "silo": self.silo, "reason": str(e)}
+            if e.need_hello:
+                err["need_hello"] = True
+            return err, {}
+
+    def _resume(self, run_id: str) -> None:
+        """Open ``run_id`` from the work dir (a restarted daemon: the coordinator does not greet
+        a node it knows again); Refused with ``need_hello`` when this silo never joined it."""
+        try:
+            self.reopen(run_id)
+        except ValueError as e:
+            raise Refused(str(e)) from None
+        if self.worker is None or run_id != self.run_id:
+            raise Refused("no manifest for this run yet (hello first)", need_hello=True)
+
+    def _leave(self, header: dict[str, Any]) -> tuple[dict[str, Any], dict[str, bytes]]:
+        reason = str(header.get("reason") or "the coordinator left this silo out of the run")
+        log.warning("silo %s: the coordinator says: %s", self.silo, reason)
+        self.events.emit("refused", run_id=header.get("run_id"), reason=reason)
+        return {"status": "ok", "silo": self.silo}, {}
 
     def _status(self) -> dict[str, Any]:
         return {
@@ -190,13 +246,17 @@ class Daemon:
         from fedtrain.protocol.manifest import check_manifest
 
         manifest = header["manifest"]
-        problems = check_manifest(manifest, blobs.get("tokenizer", b""))
-        if problems:
-            raise Refused("manifest mismatch: " + "; ".join(problems))
         try:
-            self._open_run(manifest, blobs["tokenizer"])
-        except ValueError as e:
-            raise Refused(str(e)) from None
+            problems = check_manifest(manifest, blobs.get("tokenizer", b""))
+            if problems:
+                raise Refused("manifest mismatch: " + "; ".join(problems))
+            try:
+                self._open_run(manifest, blobs["tokenizer"])
+            except ValueError as e:
+                raise Refused(str(e)) from None
+        except Refused as e:
+            self.events.emit("refused", run_id=manifest.get("run_id"), reason=str(e))
+            raise
         return self._status(), {}
 
     def _apply(self, header: dict[str, Any], blobs: dict[str, bytes]) -> bytes | None:
@@ -228,6 +288,7 @@ class Daemon:
         rnd = int(header["round"])
         if self.faults is not None:
             self.faults.before_work(rnd)
+        missed = list(range(self.work_round + 1, rnd)) if self.work_round else []
         if self.work_round >= rnd:
             self._rollback_before(rnd)
         downlink = self._apply(header, blobs)
@@ -273,6 +334,18 @@ class Daemon:
                 )
             except ValueError as e:
                 raise Refused(f"injected fault in round {rnd}: {e}") from None
+        self.events.emit(
+            "round",
+            run_id=self.run_id,
+            round=rnd,
+            steps=result.stats.steps,
+            loss=result.stats.mean_loss,
+            heldout_loss=heldout,
+            bytes_up=len(payload),
+            bytes_down=sum(len(b) for b in blobs.values()),
+            seconds=round(compute_s, 3),
+            missed=missed,
+        )
         return reply, {"payload": payload}
 
     def _finish(
@@ -284,13 +357,21 @@ class Daemon:
         log.info(
             "silo %s: run %s finished at global version %d", self.silo, self.run_id, self.version
         )
+        self.events.emit("finished", run_id=self.run_id, version=self.version)
         return self._status(), {}
 
     # ----------------------------------------------------------------- server
     def serve(self) -> None:
         """Answer the mailbox on the daemon's socket until the launcher is gone."""
         a = self.args
-        serve_socket(a.socket, a.ready_file, a.parent_pid, self.handle, silo=self.silo)
+        serve_socket(
+            a.socket,
+            a.ready_file,
+            a.parent_pid,
+            self.handle,
+            silo=self.silo,
+            done=lambda: self.stopping,
+        )
 
     def stop(self) -> None:
         if self.worker is not None:
@@ -313,77 +394,3 @@ def _precheck(manifest: dict[str, Any], silo: str) -> None:
             f"train.batch_size = {cfg.train.batch_size} does not split over this silo's "
             f"{world} processes (--nproc)"
         )
-
-
-def _refuse_to_start(message: str) -> int:
-    """Print ``message`` and return the exit code; under torchrun, also hand it to torchrun's
-    error file, so its failure report (the end of the log the launcher shows) names it."""
-    print(f"fedtrain.client.daemon: {message}", file=sys.stderr, flush=True)
-    error_file = os.environ.get("TORCHELASTIC_ERROR_FILE")
-    if error_file:
-        with contextlib.suppress(OSError):
-            Path(error_file).write_text(
-                json.dumps({"message": message, "timestamp": int(time.time())})
-            )
-    return 2
-
-
-def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="fedtrain.client.daemon")
-    p.add_argument("--silo", required=True)
-    p.add_argument("--work-dir", required=True)
-    p.add_argument("--socket", required=True)
-    p.add_argument("--ready-file", required=True)
-    p.add_argument("--data", default=None)
-    p.add_argument("--signing-key", default=None)
-    p.add_argument("--parent-pid", type=int, default=0)
-    p.add_argument("--threads", type=int, default=0)
-    return p
-
-
-def main(argv: list[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
-    logging.basicConfig(
-        level=logging.INFO,
-        format=f"%(asctime)s daemon[{os.environ.get('RANK', '0')}] %(message)s",
-        stream=sys.stderr,
-    )
-    from fedtrain.client.inject import SiloFaults
-
-    try:
-        faults = SiloFaults.from_env(args.silo)
-    except ValueError as e:  # before the process group: every rank exits with the one line
-        return _refuse_to_start(str(e))
-    if faults is not None and os.environ.get("RANK", "0") == "0":
-        log.warning("%s", faults.describe())
-    # NCCL with one GPU per local rank where there are GPUs, gloo on CPU.
-    if torch.cuda.is_available():
-        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-        backend = "nccl"
-    else:
-        backend = "gloo"
-    dist.init_process_group(backend, timeout=timedelta(days=30))
-    world = dist.get_world_size()
-    threads = args.threads or max(1, (os.cpu_count() or 1) // world)
-    torch.set_num_threads(threads)
-    try:
-        if dist.get_rank() == 0:
-            daemon = Daemon(args, faults)
-            try:
-                daemon.serve()
-            finally:
-                daemon.stop()
-        else:
-            follow(args.silo, args.data)
-        dist.barrier()
-    except KeyboardInterrupt:
-        return 130
-    finally:
-        dist.destroy_process_group()
-    return 0
-
-
-if __name__ == "__main__":
-    from fedtrain.client.sharded import exit_rank
-
-    exit_rank(main())

@@ -5,31 +5,30 @@
 2. A ``flower-supernode`` connected to the coordinator, whose ``--node-config`` names the silo
    and the daemon's socket; its ClientApp (:mod:`fedtrain.client.app`) is the mailbox.
 
-Both are watched: if one exits the other is stopped and the command fails with the tail of its
-log. Ctrl-C stops both. The daemon's state lives in the work dir, so starting the command again
-resumes where the silo was.
+Both are watched (:class:`~fedtrain.client.supernode.Watch`): the SuperNode is reconnected
+when the coordinator goes away or no longer knows it, a refused node activation is retried for a
+bounded time, and the daemon's events (:mod:`fedtrain.client.events`) are printed, one line
+each. The command exits 0 when the run finishes (``--stay``: keeps serving the next run), 3 when
+the silo is refused or not in the run, 1 with the daemon's own reason when it fails. Ctrl-C stops
+both: the daemon first, over its socket (a clean exit), then what is left. The daemon's state
+lives in the work dir, so starting the command again resumes where the silo was.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
-import socket
-import ssl
+import subprocess
 import sys
 import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from fedtrain.runtime.children import (
-    Children,
-    Stop,
-    free_port,
-    install_stop_handlers,
-    stop_processes_using,
-    tail,
-)
+from fedtrain.client.events import ERROR_FILE, EVENTS_FILE, EventTail, failure_reason
+from fedtrain.client.supernode import Watch, say, stop_clientapps, supernode_command
+from fedtrain.runtime.children import Children, Stop, free_port, install_stop_handlers
 
 __all__ = ["ClientOptions", "check_data", "run_client"]
 
@@ -45,6 +44,8 @@ class ClientOptions:
     auth_key: Path | None = None
     signing_key: Path | None = None
     threads: int = 0
+    stay: bool = False
+    """Keep serving after a run finishes (the next run reaches the same daemon)."""
 
 
 def _socket_path(work_dir: Path) -> str:
@@ -136,63 +137,6 @@ def _sample_text(path: str, head: bytes, complete: bool) -> str:
     return text
 
 
-_REFUSALS = (
-    ("CERTIFICATE_VERIFY_FAILED", "TLS: the coordinator's certificate is not signed by --tls-ca"),
-    (
-        "Failed to activate SuperNode",
-        "node authentication: this silo's --auth-key is not registered",
-    ),
-    ("code: 2004", "node authentication: this silo's --auth-key is not registered"),
-    ("wrong version number", "TLS: the coordinator does not speak TLS (drop --tls-ca?)"),
-)
-
-
-def _refusal(log_tail: str) -> str | None:
-    """Why the SuperNode was refused, when retrying cannot help."""
-    for marker, reason in _REFUSALS:
-        if marker in log_tail:
-            return reason
-    return None
-
-
-_NEEDS_TLS = "TLS: the coordinator requires TLS (pass --tls-ca with its CA certificate)"
-_PROBE_EVERY_S = 10.0
-"""An insecure SuperNode not connected after this long: check whether the coordinator speaks
-TLS (Flower's SuperNode retries a TLS server over plain HTTP forever, logging no reason)."""
-
-
-def _speaks_tls(server: str, timeout_s: float = 5.0) -> bool | None:
-    """Whether ``server`` (HOST:PORT) completes a TLS handshake; None when it is unreachable.
-
-    The handshake verifies nothing: it only tells a TLS server from a plain one."""
-    host, _, port = server.rpartition(":")
-    ctx = ssl.create_default_context()
-    ctx.check_hostname = False
-    ctx.verify_mode = ssl.CERT_NONE
-    try:
-        with socket.create_connection((host.strip("[]"), int(port)), timeout=timeout_s) as s:
-            try:
-                with ctx.wrap_socket(s):
-                    return True
-            except ssl.SSLError:
-                return False
-    except (OSError, ValueError):
-        return None
-
-
-def _logged_since(path: Path, offset: int, marker: str) -> bool:
-    try:
-        with path.open("rb") as f:
-            f.seek(offset)
-            return marker.encode() in f.read()
-    except OSError:
-        return False
-
-
-def _stop_clientapps(port: str) -> None:
-    stop_processes_using(f"--runtime-api-address 127.0.0.1:{port} ")
-
-
 def _daemon_command(
     opts: ClientOptions, work: Path, sock: str, ready: Path, parent: int
 ) -> list[str]:
@@ -205,7 +149,7 @@ def _daemon_command(
         "--nproc-per-node",
         str(opts.nproc),
         "-m",
-        "fedtrain.client.daemon",
+        "fedtrain.client.daemon_main",
         "--silo",
         opts.silo,
         "--work-dir",
@@ -231,101 +175,12 @@ def _wait_ready(children: Children, ready: Path, timeout_s: float = 180) -> None
     deadline = time.monotonic() + timeout_s
     while not ready.exists():
         if children.exited() or time.monotonic() > deadline:
+            log = children.log_path("daemon")
             raise RuntimeError(
-                "the trainer daemon did not start:\n" + tail(children.log_path("daemon"))
+                f"the trainer daemon did not start: {failure_reason(children.log_dir.parent, log)}"
+                f" (its log: {log})"
             )
         time.sleep(0.2)
-
-
-def _supernode_command(opts: ClientOptions, sock: str, runtime_port: int) -> list[str]:
-    """``flower-supernode`` command line: the silo's name and socket, TLS and node auth."""
-    node = [
-        "flower-supernode",
-        "--superlink",
-        opts.server,
-        "--port",
-        str(runtime_port),
-        "--node-config",
-        f'silo="{opts.silo}" socket="{sock}"',
-    ]
-    if opts.tls_ca is None:
-        node.append("--insecure")
-    else:
-        node += ["--root-certificates", str(opts.tls_ca.resolve())]
-    if opts.auth_key is not None:
-        node += [
-            "--auth-supernode-private-key",
-            str(opts.auth_key.resolve()),
-            "--auth-supernode-public-key",
-            f"{opts.auth_key.resolve()}.pub",
-        ]
-    return node
-
-
-def _refused(reason: str) -> int:
-    """Report that the coordinator refused this silo; the exit code for it."""
-    print(
-        f"fedtrain client: the coordinator refused this silo: {reason}", file=sys.stderr, flush=True
-    )
-    return 3
-
-
-def _watch_supernode(
-    opts: ClientOptions, children: Children, node: list[str], work: Path, runtime_port: int
-) -> int:
-    """Start the SuperNode and keep it connected (reconnect with backoff when the coordinator
-    goes away); return the exit code once it is refused or a child fails."""
-    env = {"FLWR_HOME": str(work / "flwr")}
-    node_log = children.log_path("supernode")
-    node_log_start = node_log.stat().st_size if node_log.exists() else 0
-    children.start("supernode", node, env)
-    started = time.monotonic()
-    print(f"fedtrain client: silo {opts.silo} connecting to {opts.server}", flush=True)
-    backoff = 1.0
-    # With --tls-ca a plain coordinator shows in the SuperNode's log ("wrong version
-    # number"); without it, a TLS coordinator does not, so ask it directly.
-    tls_known = opts.tls_ca is not None
-    next_probe = time.monotonic() + _PROBE_EVERY_S
-    while True:
-        if not tls_known and time.monotonic() >= next_probe:
-            next_probe = time.monotonic() + _PROBE_EVERY_S
-            if _logged_since(node_log, node_log_start, "SuperNode ID"):
-                tls_known = True  # connected: the coordinator speaks plain HTTP
-            else:
-                tls = _speaks_tls(opts.server)
-                tls_known = tls is not None
-                if tls:
-                    return _refused(_NEEDS_TLS)
-        dead = children.exited()
-        if dead is not None:
-            name, code = dead
-            refusal = _refusal(tail(children.log_path("supernode"), 40)) if code else None
-            if name == "supernode" and refusal is not None:
-                return _refused(refusal)
-            if name == "supernode":
-                # The SuperNode gives up when the coordinator goes away (a restart, the end
-                # of a run); the daemon and its state stay, so just connect again.
-                print(
-                    f"fedtrain client: lost the coordinator (supernode exit {code}); "
-                    f"reconnecting in {backoff:.0f}s",
-                    flush=True,
-                )
-                _stop_clientapps(str(runtime_port))
-                time.sleep(backoff)
-                backoff = min(backoff * 2, 30.0)
-                started = time.monotonic()
-                children.start("supernode", node, env)
-                continue
-            print(
-                f"fedtrain client: {name} exited with code {code}:\n"
-                + tail(children.log_path(name)),
-                file=sys.stderr,
-                flush=True,
-            )
-            return 1
-        if time.monotonic() - started > 60:
-            backoff = 1.0
-        time.sleep(0.5)
 
 
 def run_client(opts: ClientOptions) -> int:
@@ -338,31 +193,62 @@ def run_client(opts: ClientOptions) -> int:
     sock = _socket_path(work)
     ready = work / "daemon.ready"
     ready.unlink(missing_ok=True)
+    (work / ERROR_FILE).unlink(missing_ok=True)
+    events = EventTail(work / EVENTS_FILE)
     children = Children(work / "logs")
     runtime_port = free_port()
     port_file = work / "supernode.port"
     if port_file.exists():
         # ClientApp processes of a SuperNode that died without cleaning up (Flower starts them
         # outside our process tree); they are the ones attached to its private runtime port.
-        _stop_clientapps(port_file.read_text().strip())
+        stop_clientapps(port_file.read_text().strip())
     port_file.write_text(str(runtime_port))
     restore = install_stop_handlers()
     rc = 1
+    watch: Watch | None = None
     try:
         children.start("daemon", _daemon_command(opts, work, sock, ready, os.getpid()))
         _wait_ready(children, ready)
-        print(
-            f"fedtrain client: silo {opts.silo} trainer daemon ready "
-            f"({opts.nproc} process(es)) on {sock}",
-            flush=True,
+        say(f"silo {opts.silo} trainer daemon ready ({opts.nproc} process(es)) on {sock}")
+        node = supernode_command(
+            opts.server, opts.silo, sock, runtime_port, opts.tls_ca, opts.auth_key
         )
-        node = _supernode_command(opts, sock, runtime_port)
-        rc = _watch_supernode(opts, children, node, work, runtime_port)
+        watch = Watch(
+            children,
+            node,
+            server=opts.server,
+            work_dir=work,
+            runtime_port=runtime_port,
+            tls=opts.tls_ca is not None,
+            events=events,
+            stay=opts.stay,
+        )
+        rc = watch.run()
     except Stop as e:
-        print(f"fedtrain client: {e} received, stopping", flush=True)
+        say(f"{e} received, stopping")
         rc = 0
     finally:
+        with contextlib.suppress(Stop):
+            if watch is not None:
+                watch.stop_supernode()
+            _shutdown_daemon(children, sock)
         children.stop()
-        _stop_clientapps(str(runtime_port))
+        stop_clientapps(str(runtime_port))
         restore()
     return rc
+
+
+def _shutdown_daemon(children: Children, sock: str, timeout_s: float = 20.0) -> None:
+    """Ask the daemon to exit over its socket and wait for torchrun to end by itself (a
+    SIGTERM to torchrun leaves its SignalException traceback in the daemon log)."""
+    from fedtrain.protocol.localapi import LocalAPIError, request
+
+    proc = children.procs.get("daemon")
+    if proc is None or proc.poll() is not None:
+        return
+    try:
+        request(sock, {"op": "shutdown"}, {}, timeout_s=10.0)
+    except LocalAPIError:
+        return  # busy or gone: the plain stop follows
+    with contextlib.suppress(subprocess.TimeoutExpired):
+        proc.wait(timeout_s)

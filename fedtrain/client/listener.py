@@ -1,7 +1,8 @@
 """The silo daemon's Unix-socket server: one framed request per connection, one answer.
 
 Frames are :mod:`fedtrain.protocol.localapi`'s. The socket is private to the silo's user
-(mode 0600); the loop ends when the launcher that started the daemon is gone.
+(mode 0600); the loop ends when the launcher that started the daemon is gone or asks it
+to shut down.
 """
 
 from __future__ import annotations
@@ -22,10 +23,16 @@ Handler = Callable[[dict[str, Any], dict[str, bytes]], tuple[dict[str, Any], dic
 
 
 def serve_socket(
-    path: str, ready_file: str, parent_pid: int, handle: Handler, silo: str = ""
+    path: str,
+    ready_file: str,
+    parent_pid: int,
+    handle: Handler,
+    silo: str = "",
+    done: Callable[[], bool] | None = None,
 ) -> None:
     """Listen on ``path``, write this process's pid to ``ready_file`` once listening, and answer
-    each request with ``handle`` until ``parent_pid`` (when set) has exited."""
+    each request with ``handle`` until ``parent_pid`` (when set) has exited or, after a request,
+    ``done()`` is true (a ``shutdown`` request)."""
     from fedtrain.protocol.localapi import LocalAPIError, read_frame, write_frame
 
     if os.path.exists(path):
@@ -57,6 +64,10 @@ def serve_socket(
                 write_frame(conn, reply, out)
             except OSError as e:
                 log.warning("could not answer the mailbox: %s", e)
+        if done is not None and done():
+            log.info("silo %s trainer daemon: shutdown requested; stopping", silo)
+            srv.close()
+            return
 
 
 def _alive(pid: int) -> bool:

@@ -129,3 +129,25 @@ def fedtrain_on_path(bin_dir: Path) -> str:
     exe.write_text(f'#!/bin/sh\nexec "{sys.executable}" -m fedtrain.cli.main "$@"\n')
     exe.chmod(0o755)
     return f"{bin_dir}{os.pathsep}{os.environ.get('PATH', '')}"
+
+
+def make_keys(directory: Path, *silos: str) -> Path:
+    """``fedtrain keys init DIRECTORY --silo S ...`` for 127.0.0.1 (CA, server and silo keys)."""
+    args = [sys.executable, "-m", "fedtrain.cli.main", "keys", "init", str(directory)]
+    for s in silos:
+        args += ["--silo", s]
+    subprocess.run([*args, "--san", "127.0.0.1"], check=True, capture_output=True)
+    return directory
+
+
+def silo_tls_args(keys: Path, silo: str) -> list[str]:
+    """``fedtrain client`` options for TLS, node authentication and signing from ``keys``."""
+    own = keys / "silos" / silo
+    return [
+        "--tls-ca",
+        str(keys / "ca.crt"),
+        "--auth-key",
+        str(own / "auth_key"),
+        "--signing-key",
+        str(own / "sign_key"),
+    ]

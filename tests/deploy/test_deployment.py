@@ -51,6 +51,7 @@ def site(tmp_path_factory):
                 str(root / silo),
                 "--threads",
                 "1",
+                "--stay",  # the next run reaches the same daemons
             ],
             root / f"{silo}.log",
         )

@@ -56,7 +56,7 @@ def tls_site(tmp_path_factory):
     wait_for(lambda: (root / "run" / "address").exists(), 60, "the coordinator to listen")
     address = (root / "run" / "address").read_text().strip()
 
-    def client(name: str, ca: Path | None, key_dir: Path) -> Proc:
+    def client(name: str, ca: Path | None, key_dir: Path, env: dict | None = None) -> Proc:
         """A silo0 client; ``ca=None``: insecure (no --tls-ca, so no --auth-key either)."""
         tls = ["--tls-ca", str(ca), "--auth-key", str(key_dir / "auth_key")] if ca else []
         p = Proc(
@@ -73,6 +73,7 @@ def tls_site(tmp_path_factory):
                 str(key_dir / "sign_key"),
             ],
             root / f"{name}.log",
+            env=env,
         )
         procs.append(p)
         return p
@@ -85,7 +86,11 @@ def tls_site(tmp_path_factory):
 
 def test_unregistered_key_is_refused(tls_site):
     root = tls_site["root"]
-    p = tls_site["client"]("intruder", root / "keys" / "ca.crt", root / "stranger/silos/silo0")
+    # a refused activation is retried (the key may not be registered YET): briefly, here
+    retry = {"FEDTRAIN_ACTIVATION_RETRY_S": "4"}
+    p = tls_site["client"](
+        "intruder", root / "keys" / "ca.crt", root / "stranger/silos/silo0", retry
+    )
     assert p.p.wait(120) == 3
     assert "auth-key is not registered" in p.text()
 
