@@ -8,14 +8,14 @@ from pathlib import Path
 import pytest
 
 from fedtrain.config import ConfigError
-from fedtrain.server.launcher import ServerOptions, _resolve_run
+from fedtrain.server.launcher import ServerOptions, _load_run
 
 QUICKSTART = Path(__file__).resolve().parents[2] / "examples" / "quickstart.toml"
 
 
 def test_the_server_does_not_check_simulation_profiles(tmp_path: Path) -> None:
     opts = ServerOptions(config=QUICKSTART, run_dir=tmp_path / "run", overrides=("data.silos=3",))
-    _, cfg, run_dir = _resolve_run(opts)
+    _, cfg, run_dir = _load_run(opts)
     assert cfg.data.silos == 3 and cfg.simulation.profiles == []
     assert run_dir == (tmp_path / "run").resolve()
 
@@ -23,4 +23,4 @@ def test_the_server_does_not_check_simulation_profiles(tmp_path: Path) -> None:
 def test_the_server_still_checks_the_rules_that_apply(tmp_path: Path) -> None:
     opts = ServerOptions(config=QUICKSTART, run_dir=tmp_path / "run", overrides=("data.silos=2",))
     with pytest.raises(ConfigError, match="round.min_silos: 3 is not allowed"):
-        _resolve_run(opts)
+        _load_run(opts)
