@@ -226,3 +226,24 @@ def test_check_data_accepts_text_and_samples_only_the_start(tmp_path):
     (tmp_path / "c.jsonl").write_text('{"text": "hi"}\n' * 3)
     assert check_data(str(tmp_path / "*.txt")) == 2
     assert check_data(str(tmp_path / "c.jsonl")) == 1
+
+
+def test_server_refuses_strategies_it_cannot_deploy_before_starting_anything(tmp_path: Path):
+    """``fedtrain server`` with zo or ddp stops at start naming the key (it used to start and
+    fail every round); nothing is started and the run directory is not created."""
+    for name in ("zo", "ddp"):
+        run_dir = tmp_path / name
+        r = _fedtrain(
+            "server",
+            "--run-dir",
+            str(run_dir),
+            "--address",
+            "127.0.0.1:0",
+            "--set",
+            f"strategy.name={name}",
+        )
+        assert r.returncode != 0
+        assert f"strategy.name = '{name}'" in r.stderr + r.stdout
+        assert "not available in deployment" in r.stderr + r.stdout
+        assert "Traceback" not in r.stderr
+        assert not run_dir.exists()
