@@ -40,6 +40,8 @@ FORBIDDEN: dict[tuple[str, str], str] = {
     ("server", "client"): "server and client never import each other",
     ("client", "server"): "server and client never import each other",
     ("server", "simulation"): "the deployment never imports the simulation",
+    ("run", "simulation"): "the run assembly is handed its engine; it never builds one",
+    ("run", "client"): "the run assembly is handed its engine; it never builds one",
     ("*", "cli"): "nothing imports the CLI but the CLI",
 }
 

@@ -75,7 +75,10 @@ def keys_add(
                 f"  silo {silo} runs with its own keys: --tls-ca ca.crt (send it {directory}/"
                 "ca.crt) --auth-key DIR/auth_key --signing-key DIR/sign_key"
             )
-        typer.echo("  the coordinator registers it on its next start (fedtrain server --tls-dir)")
+        typer.echo(
+            "  the coordinator registers it when it starts (fedtrain server --tls-dir); "
+            "the run's data.silos must include it"
+        )
 
 
 @keys_app.command("silo")

@@ -52,6 +52,9 @@ _UNAUTHORIZED_REPEATS = 2
 """401 lines in one attempt's log before the SuperNode is restarted."""
 _NEEDS_TLS = "TLS: the coordinator requires TLS (pass --tls-ca with its CA certificate)"
 _PROBE_EVERY_S = 10.0
+_UNREACHABLE_AFTER_S = 30.0
+"""Say that the coordinator cannot be reached once not connected for this long (then every
+minute): a coordinator not up yet and a wrong ``--server`` look the same from here."""
 """An insecure SuperNode not connected after this long: check whether the coordinator speaks
 TLS (Flower's SuperNode retries a TLS server over plain HTTP forever, logging no reason)."""
 _WINDOW = 1 << 14
@@ -96,6 +99,16 @@ def _speaks_tls(server: str, timeout_s: float = 5.0) -> bool | None:
                 return False
     except (OSError, ValueError):
         return None
+
+
+def _reachable(server: str, timeout_s: float = 3.0) -> bool:
+    """Whether a TCP connection to ``server`` (HOST:PORT) opens."""
+    host, _, port = server.rpartition(":")
+    try:
+        with socket.create_connection((host.strip("[]"), int(port)), timeout=timeout_s):
+            return True
+    except (OSError, ValueError):
+        return False
 
 
 def _read_since(path: Path, offset: int) -> bytes:
@@ -225,6 +238,7 @@ class Watch:
         self.start()
         say(f"connecting to {self.server}")
         next_probe = time.monotonic() + _PROBE_EVERY_S
+        next_reach = time.monotonic() + _UNREACHABLE_AFTER_S
         while True:
             chunk = _read_since(self.log, self.offset)
             self.offset += len(chunk)
@@ -243,6 +257,14 @@ class Watch:
                 self.tls_known = tls is not None
                 if tls:
                     return _refused(_NEEDS_TLS)
+            if not self.connected and time.monotonic() >= next_reach:
+                next_reach = time.monotonic() + 60.0
+                if not _reachable(self.server):
+                    say(
+                        f"cannot reach the coordinator at {self.server} (not started yet, or a "
+                        "wrong --server?); still trying",
+                        err=True,
+                    )
             dead = self.children.exited()
             if dead is not None:
                 rc = self._exited(*dead, text)

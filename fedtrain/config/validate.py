@@ -119,6 +119,16 @@ def _check_strategy(cfg: Config, spec: StrategySpec, errors: list[str]) -> None:
         f"{spec.why('error_feedback')}",
         cfg.transport.error_feedback,
     )
+    if spec.codecs is not None:
+        _collect(
+            errors,
+            _check,
+            cfg.transport.codec in spec.codecs,
+            "transport.codec",
+            f"one of {sorted(spec.codecs)} with {chosen} (the codecs strategy {spec.name!r} "
+            "supports)",
+            cfg.transport.codec,
+        )
 
 
 def _check_tree(cfg: Config, spec: StrategySpec) -> None:

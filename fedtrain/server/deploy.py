@@ -127,8 +127,9 @@ def serve(
             engine.connect(join_timeout_s)
             run.coordinator.on_round = _print_round
             summary = run.execute()
-        except DeploymentError as e:
-            run.store.event("run_failed", reason=str(e))
+        except Exception as e:
+            reason = str(e) if isinstance(e, DeploymentError) else f"{type(e).__name__}: {e}"
+            run.store.event("run_failed", reason=reason)
             raise
         from fedtrain.runtime.children import peak_rss_bytes
 
@@ -158,12 +159,24 @@ def _run_config(
 
     resume = (run_dir / "index.sqlite").exists()
     if not resume:
-        return load_config(config or None, overrides or [], purpose="deploy"), False
+        cfg = load_config(config or None, overrides or [], purpose="deploy")
+        check_deployable(cfg)  # also when the app was submitted with `flwr run` directly
+        return cfg, False
     if (run_dir / "summary.json").exists():
         raise RunExists(f"{run_dir}: the run already finished")
-    cfg = load_config(run_dir / "config.toml")
+    cfg = load_config(run_dir / "config.toml", purpose="deploy")
     log.info("resuming the run in %s", run_dir)
     return cfg, True
+
+
+def check_deployable(cfg: Config) -> None:
+    """Refuse, naming the setting, a strategy that cannot run in deployment."""
+    from fedtrain.strategies.registry import require_engine, spec_for
+
+    runs_on = ", ".join(sorted(spec_for(cfg).engines))
+    require_engine(
+        cfg, "deploy", "in deployment", "use `fedtrain simulate`", f"it runs on: {runs_on}"
+    )
 
 
 def _print_round(row: dict[str, Any]) -> None:

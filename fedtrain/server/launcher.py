@@ -118,14 +118,9 @@ def max_body_bytes(cfg: Config) -> int:
 
 def check_deployable(cfg: Config) -> None:
     """Refuse, before anything starts, a strategy that cannot run in deployment."""
-    from fedtrain.strategies.registry import setting, spec_for
+    from fedtrain.server.deploy import check_deployable as check
 
-    spec = spec_for(cfg)
-    if "deploy" not in spec.engines:
-        raise ValueError(
-            f"{setting(spec, cfg)}: strategy {spec.name!r} is not available in deployment "
-            f"(it runs on: {', '.join(sorted(spec.engines))}); use `fedtrain simulate`"
-        )
+    check(cfg)
 
 
 def _load_run(opts: ServerOptions) -> tuple[Path, Config, Path]:

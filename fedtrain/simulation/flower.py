@@ -30,7 +30,7 @@ from fedtrain.run import EngineInputs, build_run, check_run_dir
 from fedtrain.server.deploy import engine_factory
 from fedtrain.server.engine import Engine, Reply
 from fedtrain.server.flower_engine import DeploymentError, FlowerEngine
-from fedtrain.strategies.registry import setting, spec_for
+from fedtrain.strategies.registry import require_engine
 
 __all__ = ["SimulatedFlowerEngine", "check_flower_config", "simulate_flower"]
 
@@ -45,13 +45,13 @@ class Interrupted(RuntimeError):
 def check_flower_config(cfg: Config) -> None:
     """Refuse, with one line naming the setting, what the Flower engine cannot run."""
     engine = "simulation.engine = 'flower'"
-    spec = spec_for(cfg)
-    if "flower" not in spec.engines:
-        raise ValueError(
-            f"{setting(spec, cfg)}: strategy {spec.name!r} is not available with {engine} "
-            "(it runs synchronous, uncoded rounds, as a deployment does); use "
-            "simulation.engine = 'inprocess'"
-        )
+    require_engine(
+        cfg,
+        "flower",
+        f"with {engine}",
+        "use simulation.engine = 'inprocess'",
+        "it runs synchronous, uncoded rounds, as a deployment does",
+    )
     if cfg.simulation.bursty_b or any(p.dropout for p in cfg.simulation.profiles):
         raise ValueError(
             "simulated stragglers (simulation.bursty_b, profile dropout) need the in-process "

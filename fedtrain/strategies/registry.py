@@ -21,6 +21,7 @@ __all__ = [
     "ENGINES",
     "BuildContext",
     "StrategySpec",
+    "require_engine",
     "setting",
     "spec_for",
     "strategy_names",
@@ -115,3 +116,18 @@ def spec_for(cfg: Config) -> StrategySpec:
 def setting(spec: StrategySpec, cfg: Config) -> str:
     """The setting that selected ``spec``, as a user wrote it, e.g. ``strategy.name = 'zo'``."""
     return f"strategy.{spec.selected_by} = {getattr(cfg.strategy, spec.selected_by)!r}"
+
+
+def require_engine(cfg: Config, engine: str, where: str, instead: str, why: str = "") -> None:
+    """Refuse, naming the setting, a strategy that does not run on ``engine``.
+
+    ``where`` names the engine for the user (e.g. "deployment"), ``instead`` what to use,
+    ``why`` an optional reason.
+    """
+    assert engine in ENGINES, engine
+    spec = spec_for(cfg)
+    if engine not in spec.engines:
+        raise ValueError(
+            f"{setting(spec, cfg)}: strategy {spec.name!r} is not available {where}"
+            f"{f' ({why})' if why else ''}; {instead}"
+        )

@@ -27,6 +27,9 @@ if step == "refuse":
     print("ERROR :     Exit Code: 305\\nFailed to initialize the connection to the SuperLink.")
     print("[code: 2004] Failed to activate SuperNode.", flush=True)
     sys.exit(1)
+if step == "silent":  # never reaches a SuperLink
+    while True:
+        time.sleep(0.2)
 if step == "401":
     print("INFO :      SuperNode ID: 7", flush=True)
     while True:
@@ -198,3 +201,28 @@ def test_failure_reason_prefers_the_daemons_own_line(tmp_path):
     (tmp_path / ERROR_FILE).write_text("CorpusError: the first rank's reason\n")
     assert failure_reason(tmp_path, log) == "CorpusError: the first rank's reason"
     assert json.dumps(failure_reason(tmp_path / "nowhere", tmp_path / "none.log"))
+
+
+def test_an_unreachable_coordinator_is_said_while_waiting(tmp_path, capsys, monkeypatch):
+    """A wrong --server (here a closed port) or a coordinator not up yet: after a while the
+    silo says it cannot reach it and keeps trying (until, here, the daemon is refused)."""
+    import threading
+
+    import fedtrain.client.supernode as supernode
+
+    monkeypatch.setattr(supernode, "_UNREACHABLE_AFTER_S", 0.5)
+    watch, log = _watch(tmp_path, "silent")
+    timer = threading.Timer(3.0, lambda: log.emit("refused", run_id="r", reason="gone"))
+    timer.start()
+    try:
+        assert watch.run() == 3
+    finally:
+        timer.cancel()
+        watch.children.stop()
+    out = capsys.readouterr()
+    said = [x for x in out.err.splitlines() if "cannot reach the coordinator" in x]
+    assert said == [
+        "fedtrain client: cannot reach the coordinator at 127.0.0.1:1 (not started yet, or a "
+        "wrong --server?); still trying"
+    ]
+    assert not watch.connected

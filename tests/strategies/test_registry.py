@@ -150,3 +150,17 @@ def test_streaming_counts_layers_from_the_model_it_is_given():
     assert len(fragments) == 6
     for p, names in enumerate(fragments):
         assert {n.split(".")[1] for n in names if n.startswith("layers.")} == {str(p)}
+
+
+def test_a_spec_that_restricts_codecs_refuses_the_others(monkeypatch: pytest.MonkeyPatch) -> None:
+    """No shipped strategy restricts codecs today; a spec that does is held to it by config
+    loading, naming the key, the strategy and the allowed codecs."""
+    import dataclasses
+
+    from fedtrain.strategies import registry
+
+    narrowed = {**SPECS, "diloco": dataclasses.replace(SPECS["diloco"], codecs=frozenset({"fp32"}))}
+    monkeypatch.setattr(registry, "strategy_specs", lambda: narrowed)
+    assert _cfg("diloco", transport={"codec": "fp32"}).transport.codec == "fp32"
+    msg = _refused("diloco", r"transport.codec: 'int8' is not allowed", transport={"codec": "int8"})
+    assert "['fp32']" in msg and "strategy 'diloco'" in msg
