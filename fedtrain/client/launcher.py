@@ -27,8 +27,14 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from fedtrain.client.events import ERROR_FILE, EVENTS_FILE, EventTail, failure_reason
-from fedtrain.client.supernode import Watch, say, stop_clientapps, supernode_command
-from fedtrain.runtime.children import Children, Stop, free_port, install_stop_handlers
+from fedtrain.client.supernode import Watch, say, supernode_command
+from fedtrain.runtime.children import (
+    Children,
+    Stop,
+    free_port,
+    install_stop_handlers,
+    stop_flower_apps,
+)
 
 __all__ = ["ClientOptions", "check_data", "run_client"]
 
@@ -201,7 +207,7 @@ def run_client(opts: ClientOptions) -> int:
     if port_file.exists():
         # ClientApp processes of a SuperNode that died without cleaning up (Flower starts them
         # outside our process tree); they are the ones attached to its private runtime port.
-        stop_clientapps(port_file.read_text().strip())
+        stop_flower_apps(port_file.read_text().strip())
     port_file.write_text(str(runtime_port))
     restore = install_stop_handlers()
     rc = 1
@@ -233,7 +239,7 @@ def run_client(opts: ClientOptions) -> int:
                 watch.stop_supernode()
             _shutdown_daemon(children, sock)
         children.stop()
-        stop_clientapps(str(runtime_port))
+        stop_flower_apps(runtime_port)
         restore()
     return rc
 

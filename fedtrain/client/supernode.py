@@ -26,14 +26,14 @@ import time
 from pathlib import Path
 
 from fedtrain.client.events import EventTail, describe, failure_reason
-from fedtrain.runtime.children import Children, stop_processes_using
+from fedtrain.runtime.children import Children, stop_flower_apps
+from fedtrain.runtime.files import file_size, read_since
 
 __all__ = [
     "ACTIVATION_RETRY_S",
     "Watch",
     "activation_retry_s",
     "refusal",
-    "stop_clientapps",
     "supernode_command",
 ]
 
@@ -111,24 +111,6 @@ def _reachable(server: str, timeout_s: float = 3.0) -> bool:
         return False
 
 
-def _read_since(path: Path, offset: int) -> bytes:
-    try:
-        with path.open("rb") as f:
-            f.seek(offset)
-            return f.read()
-    except OSError:
-        return b""
-
-
-def _size(path: Path) -> int:
-    return path.stat().st_size if path.exists() else 0
-
-
-def stop_clientapps(port: str) -> None:
-    """Stop the ClientApp processes of the SuperNode on private runtime port ``port``."""
-    stop_processes_using(f"--runtime-api-address 127.0.0.1:{port} ")
-
-
 def supernode_command(
     server: str,
     silo: str,
@@ -200,6 +182,8 @@ class Watch:
         self.tls_known = tls
         self.attempt_at = 0.0
         self.offset = 0
+        self.chunk_at = 0
+        """Where this pass of the watch loop started reading the SuperNode's log."""
         self.text = ""
         """The current attempt's log (its last :data:`_WINDOW` characters)."""
         self.connected = False
@@ -208,7 +192,7 @@ class Watch:
 
     def start(self) -> None:
         """Start (or restart) the SuperNode; its log is read from here on."""
-        self.offset = _size(self.log)
+        self.offset = file_size(self.log)
         self.text = ""
         self.attempt_at = time.monotonic()
         self.connected = False
@@ -231,7 +215,7 @@ class Watch:
             except Exception:
                 proc.kill()
                 proc.wait()
-        stop_clientapps(str(self.runtime_port))
+        stop_flower_apps(str(self.runtime_port))
 
     def run(self) -> int:
         """Watch until the run ends (0), the silo is refused (3) or a child fails (1)."""
@@ -240,7 +224,8 @@ class Watch:
         next_probe = time.monotonic() + _PROBE_EVERY_S
         next_reach = time.monotonic() + _UNREACHABLE_AFTER_S
         while True:
-            chunk = _read_since(self.log, self.offset)
+            self.chunk_at = self.offset
+            chunk = read_since(self.log, self.offset)
             self.offset += len(chunk)
             self.text = text = (self.text + chunk.decode(errors="replace"))[-_WINDOW:]
             if not self.connected and "SuperNode ID:" in text:
@@ -296,11 +281,15 @@ class Watch:
         return None
 
     def _await_last_reply(self) -> None:
-        """Let the SuperNode send the daemon's answer to ``finish`` before it is stopped."""
-        start = _size(self.log)
+        """Let the SuperNode send the daemon's answer to ``finish`` before it is stopped.
+
+        The answer may already be in what this pass read (the daemon records ``finished`` just
+        before answering), so look from where the pass started: an earlier reply's line cannot
+        be there, as Flower delivers the next message seconds after a reply at the earliest."""
+        start = self.chunk_at
         deadline = time.monotonic() + _REPLY_GRACE_S
         while time.monotonic() < deadline and self.children.exited() is None:
-            if b"Sent successfully" in _read_since(self.log, start):
+            if b"Sent successfully" in read_since(self.log, start):
                 return
             time.sleep(0.2)
 
@@ -323,7 +312,7 @@ class Watch:
                     "or this silo's previous SuperNode still counts as online); retrying in "
                     f"{wait:.0f}s, giving up {self.retry_s:.0f}s after the first refusal"
                 )
-                stop_clientapps(str(self.runtime_port))
+                stop_flower_apps(str(self.runtime_port))
                 time.sleep(wait)
                 self.backoff = min(self.backoff * 2, _MAX_BACKOFF_S)
                 self.start()

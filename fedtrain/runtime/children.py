@@ -26,6 +26,7 @@ __all__ = [
     "install_stop_handlers",
     "peak_rss_bytes",
     "pids_matching",
+    "stop_flower_apps",
     "stop_processes_using",
     "tail",
 ]
@@ -59,6 +60,12 @@ def free_port(host: str = "127.0.0.1") -> int:
     with socket.socket() as s:
         s.bind((host, 0))
         return int(s.getsockname()[1])
+
+
+def stop_flower_apps(runtime_port: int | str) -> list[int]:
+    """Stop the Flower app processes (ServerApp / ClientApps) attached to the private runtime
+    API on 127.0.0.1:``runtime_port``; Flower starts them outside our process tree."""
+    return stop_processes_using(f"--runtime-api-address 127.0.0.1:{runtime_port} ")
 
 
 def tail(path: Path, lines: int = 15) -> str:

@@ -5,10 +5,8 @@ the silos' signing keys, a log line per round.
 
 from __future__ import annotations
 
-import fcntl
 import logging
 import math
-import time
 from pathlib import Path
 from typing import Any
 
@@ -16,6 +14,7 @@ from flwr.serverapp import Grid
 
 from fedtrain.config import Config
 from fedtrain.run import EngineFactory, EngineInputs, RunExists, build_run
+from fedtrain.runtime.files import hold_lock
 from fedtrain.server.flower_engine import DeploymentError, FlowerEngine
 
 __all__ = ["DeploymentError", "engine_factory", "serve"]
@@ -79,23 +78,13 @@ class _RunLock:
     """One coordinator per run directory (a killed one's ServerApp may still be exiting)."""
 
     def __init__(self, run_dir: Path, wait_s: float = 60.0) -> None:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        self.f = (run_dir / ".coordinator.lock").open("w")
-        deadline = time.monotonic() + wait_s
-        while True:
-            try:
-                fcntl.flock(self.f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                return
-            except BlockingIOError:
-                if time.monotonic() > deadline:
-                    raise DeploymentError(
-                        f"{run_dir} is in use by another coordinator process"
-                    ) from None
-                time.sleep(0.5)
+        f = hold_lock(run_dir / ".coordinator.lock", wait_s)
+        if f is None:
+            raise DeploymentError(f"{run_dir} is in use by another coordinator process")
+        self.f = f
 
     def release(self) -> None:
-        fcntl.flock(self.f, fcntl.LOCK_UN)
-        self.f.close()
+        self.f.close()  # closing the file drops the flock
 
 
 def serve(

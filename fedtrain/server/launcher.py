@@ -17,7 +17,6 @@ SuperLink database keeps the silos' node registrations, so silos reconnect on th
 
 from __future__ import annotations
 
-import fcntl
 import logging
 import os
 import socket
@@ -32,9 +31,10 @@ from fedtrain.runtime.children import (
     Stop,
     free_port,
     install_stop_handlers,
-    stop_processes_using,
+    stop_flower_apps,
     tail,
 )
+from fedtrain.runtime.files import hold_lock, read_since
 from fedtrain.server.superlink import LaunchError, superlink_command, wait_health, write_app
 from fedtrain.server.superlink import register_keys as _register_keys
 from fedtrain.server.superlink import write_flwr_config as _flwr_config
@@ -153,23 +153,14 @@ def _check_run_dir(run_dir: Path, cfg: Config) -> None:
 def _lock_run_dir(run_dir: Path) -> IO[str]:
     """Hold ``run_dir/server.lock`` for this process's lifetime (the kernel drops it when the
     process dies, however it dies); refuse while another live ``fedtrain server`` holds it."""
-    run_dir.mkdir(parents=True, exist_ok=True)
     path = run_dir / LOCK_FILE
-    f = path.open("a+")
-    try:
-        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        f.seek(0)
-        pid = f.read().strip() or "unknown"
-        f.close()
+    f = hold_lock(path)
+    if f is None:
+        pid = path.read_text().strip() or "unknown"
         raise ValueError(
             f"{run_dir} is in use by a running `fedtrain server` (pid {pid}, lock {path}); "
             "stop it first or choose another --run-dir"
-        ) from None
-    f.seek(0)
-    f.truncate()
-    f.write(f"{os.getpid()}\n")
-    f.flush()
+        )
     return f
 
 
@@ -193,7 +184,7 @@ def _stop_previous_serverapp(port_file: Path) -> None:
         # it outside our process tree); it still holds the run. Stop exactly those processes:
         # they are the ones attached to the previous SuperLink's private address.
         old = port_file.read_text().strip()
-        if stop_processes_using(f"--runtime-api-address 127.0.0.1:{old} "):
+        if stop_flower_apps(old):
             print(
                 "fedtrain server: stopped the ServerApp a killed coordinator left running",
                 flush=True,
@@ -316,7 +307,7 @@ def _serve(
             proxy.stop()
         children.stop()
         # The ServerApp runs under Flower's SuperExec, outside our process tree's reach.
-        stop_processes_using(f"--runtime-api-address 127.0.0.1:{internal} ")
+        stop_flower_apps(internal)
         restore()
     return rc
 
@@ -378,12 +369,7 @@ def _report(log_path: Path, message: str) -> None:
 
 
 def _echo(path: Path, pos: int) -> int:
-    try:
-        with path.open("rb") as f:
-            f.seek(pos)
-            data = f.read()
-    except OSError:
-        return pos
+    data = read_since(path, pos)
     if data:
         sys.stdout.write(data.decode(errors="replace"))
         sys.stdout.flush()
