@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import tempfile
 
 import pytest
 import torch
@@ -10,6 +11,8 @@ import torch
 from fedtrain.config import Config, config_from_dict
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# Prepared-token cache of the whole session (also inherited by the processes tests start).
+os.environ.setdefault("FEDTRAIN_DATA_CACHE", tempfile.mkdtemp(prefix="fedtrain-data-cache-"))
 torch.set_num_threads(min(2, os.cpu_count() or 1))
 
 

@@ -27,12 +27,16 @@ def build_run(run_dir: Path, silo: str, data: str | None) -> tuple[Any, Any, Any
 
     cfg = load_config(run_dir / "config.toml")
     tok = load_tokenizer(run_dir / "tokenizer.json")
-    sd = silo_data(cfg, silo, tok, data)
+    sd = silo_data(cfg, silo, run_dir / "tokenizer.json", data)
     model = build_model(
         PRESETS[cfg.model.preset], tok.vocab_size, cfg.run.seed, tie=cfg.model.tie_embeddings
     )
     trainer = ShardedTrainer(
-        silo, model, TokenStream(sd.tokens, cfg.run.seed, silo), cfg.train, cfg.total_inner_steps()
+        silo,
+        model,
+        TokenStream(sd.tokens, cfg.run.seed, silo, cfg.data.order, cfg.train.grad_accum),
+        cfg.train,
+        cfg.total_inner_steps(),
     )
     return cfg, trainer, sd
 

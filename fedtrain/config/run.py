@@ -74,7 +74,15 @@ class DataSection:
     max_chars: int = 0
     """Use only the first N characters of the corpus (0 = all); handy for quick tests."""
     silo_data: dict[str, str] = field(default_factory=dict)
-    """Silo name -> its own text (path, glob or fsspec URL), replacing its corpus shard."""
+    """Silo name -> its own data, replacing its corpus shard: a directory made by `fedtrain data
+    prepare`, or raw sources (path, glob, directory or fsspec URL; txt, jsonl, jsonl.gz,
+    jsonl.zst, parquet) prepared once into the data cache."""
+    tokenizer_file: str = ""
+    """A Hugging Face tokenizer.json to use as the run's tokenizer (overrides data.tokenizer);
+    by default the tokenizer of the prepared directories in data.silo_data, if any."""
+    order: str = "random"
+    """Training batches: 'random' windows (seeded per silo and step) or 'sequential'
+    (non-overlapping windows in order: each token once per epoch; epochs reported)."""
 
     def __post_init__(self) -> None:
         _check(self.corpus in ("kjv", "files"), "data.corpus", "'kjv' or 'files'", self.corpus)
@@ -102,6 +110,12 @@ class DataSection:
             self.vocab_size,
         )
         _check(self.max_chars >= 0, "data.max_chars", "an integer >= 0", self.max_chars)
+        _check(
+            self.order in ("random", "sequential"),
+            "data.order",
+            "'random' or 'sequential'",
+            self.order,
+        )
 
 
 @dataclass(kw_only=True, slots=True)

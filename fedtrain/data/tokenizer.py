@@ -6,12 +6,19 @@ JSON in the run directory; silos receive that file (and its hash) instead of tra
 
 from __future__ import annotations
 
-import hashlib
 import os
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Protocol
 
-__all__ = ["BPETokenizer", "ByteTokenizer", "Tokenizer", "load_tokenizer", "train_bpe"]
+__all__ = [
+    "BPETokenizer",
+    "ByteTokenizer",
+    "Tokenizer",
+    "eod_id",
+    "load_tokenizer",
+    "train_bpe",
+]
 
 
 class Tokenizer(Protocol):
@@ -26,19 +33,25 @@ class Tokenizer(Protocol):
 
 
 class ByteTokenizer:
-    """UTF-8 bytes as tokens (vocab 256); lossless on any text."""
+    """UTF-8 bytes as tokens (vocab 256); lossless on any text.
+
+    With ``eod=True`` id 256 is an end-of-document token (vocab 257), as ``fedtrain data
+    prepare --byte`` writes it; it decodes to nothing."""
 
     name = "byte"
-    vocab_size = 256
+
+    def __init__(self, eod: bool = False) -> None:
+        self.eod = eod
+        self.vocab_size = 257 if eod else 256
 
     def encode(self, text: str) -> list[int]:
         return list(text.encode("utf-8"))
 
     def decode(self, ids: list[int]) -> str:
-        return bytes(ids).decode("utf-8", errors="replace")
+        return bytes(i for i in ids if i < 256).decode("utf-8", errors="replace")
 
     def save(self, path: Path) -> None:
-        path.write_text('{"type": "byte"}\n')
+        path.write_text('{"type": "byte", "eod": 256}\n' if self.eod else '{"type": "byte"}\n')
 
 
 class BPETokenizer:
@@ -63,8 +76,29 @@ class BPETokenizer:
         self._tok.save(str(path))  # type: ignore[attr-defined]
 
 
-def train_bpe(texts: list[str], vocab_size: int) -> BPETokenizer:
-    """Train a byte-level BPE on ``texts`` (a few seconds for a few MB)."""
+EOD_TOKENS = ("<|endoftext|>", "<|end_of_text|>", "</s>", "<eos>", "<|eos|>")
+"""Special tokens taken as the end-of-document token, in this order of preference."""
+
+
+def eod_id(tok: Tokenizer) -> int | None:
+    """The tokenizer's end-of-document token id, or None when it has none."""
+    if isinstance(tok, ByteTokenizer):
+        return 256 if tok.eod else None
+    inner = getattr(tok, "_tok", None)
+    if inner is None:
+        return None
+    for name in EOD_TOKENS:
+        i = inner.token_to_id(name)
+        if i is not None:
+            return int(i)
+    return None
+
+
+def train_bpe(
+    texts: Iterable[str], vocab_size: int, special_tokens: Sequence[str] = ()
+) -> BPETokenizer:
+    """Train a byte-level BPE on ``texts`` (a few seconds for a few MB); ``texts`` may be any
+    iterator (the trainer keeps word counts, not the text)."""
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     from tokenizers import Tokenizer as HFTokenizer
     from tokenizers import decoders, models, pre_tokenizers, trainers
@@ -75,6 +109,7 @@ def train_bpe(texts: list[str], vocab_size: int) -> BPETokenizer:
     trainer = trainers.BpeTrainer(
         vocab_size=vocab_size,
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        special_tokens=list(special_tokens),
         show_progress=False,
     )
     tok.train_from_iterator(texts, trainer=trainer)
@@ -83,15 +118,16 @@ def train_bpe(texts: list[str], vocab_size: int) -> BPETokenizer:
 
 def load_tokenizer(path: Path) -> Tokenizer:
     """Load a tokenizer saved by :meth:`Tokenizer.save`."""
-    text = path.read_text()
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as e:
+        raise ValueError(f"cannot read tokenizer {path}: {e}") from None
     if '"type": "byte"' in text[:40]:
-        return ByteTokenizer()
+        return ByteTokenizer(eod='"eod"' in text[:60])
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     from tokenizers import Tokenizer as HFTokenizer
 
-    return BPETokenizer(HFTokenizer.from_str(text))
-
-
-def file_sha256(path: Path) -> str:
-    """Hex sha256 of a file (tokenizer identity in the run manifest)."""
-    return hashlib.sha256(path.read_bytes()).hexdigest()
+    try:
+        return BPETokenizer(HFTokenizer.from_str(text))
+    except Exception as e:  # tokenizers raises its own Exception type
+        raise ValueError(f"{path} is not a Hugging Face tokenizer.json: {e}") from None

@@ -100,7 +100,8 @@ def max_body_bytes(cfg: Config) -> int:
     healthy silo and only stops absurd bodies."""
     import torch
 
-    from fedtrain.data.tokenizer import ByteTokenizer
+    from fedtrain.data.prepare import configured_tokenizer
+    from fedtrain.data.tokenizer import ByteTokenizer, load_tokenizer
     from fedtrain.models.llama import Llama, count_parameters
     from fedtrain.models.presets import PRESETS
     from fedtrain.server.validate import default_max_payload_bytes
@@ -109,7 +110,13 @@ def max_body_bytes(cfg: Config) -> int:
     if not bound:
         # The BPE tokenizer is trained by the ServerApp later; its size is at most the
         # configured vocab_size, so this bound is never below the real model's.
-        vocab = ByteTokenizer.vocab_size if cfg.data.tokenizer == "byte" else cfg.data.vocab_size
+        given = configured_tokenizer(cfg)
+        if given is not None:
+            vocab = load_tokenizer(given).vocab_size
+        else:
+            vocab = (
+                ByteTokenizer().vocab_size if cfg.data.tokenizer == "byte" else cfg.data.vocab_size
+            )
         with torch.device("meta"):  # shapes only: no memory, no init
             model = Llama(PRESETS[cfg.model.preset], vocab, cfg.model.tie_embeddings)
         bound = default_max_payload_bytes(count_parameters(model))

@@ -11,7 +11,7 @@ from __future__ import annotations
 import copy
 import logging
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import torch
@@ -20,7 +20,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from fedtrain.client.trainer import SiloTrainer
 from fedtrain.client.worker import SiloWorker
 from fedtrain.config import Config
-from fedtrain.data.stream import TokenStream
+from fedtrain.data.stream import TokenSource, TokenStream
 from fedtrain.models.llama import Llama
 from fedtrain.protocol.work import TrainWork, Work
 from fedtrain.server.engine import Reply
@@ -59,7 +59,7 @@ class InProcessEngine:
         self,
         cfg: Config,
         run_id: str,
-        silo_tokens: list[torch.Tensor],
+        silo_tokens: Sequence[TokenSource],
         model_factory: Callable[[], Llama],
         on_step: Callable[[int], None] | None = None,
         step_time_s: float | None = None,
@@ -84,7 +84,11 @@ class InProcessEngine:
         self.workers = {
             name: SiloWorker(
                 SiloTrainer(
-                    name, model_factory(), TokenStream(tokens, cfg.run.seed, name), cfg.train, total
+                    name,
+                    model_factory(),
+                    TokenStream(tokens, cfg.run.seed, name, cfg.data.order, cfg.train.grad_accum),
+                    cfg.train,
+                    total,
                 ),
                 run_id=run_id,
                 transport=cfg.transport,

@@ -1,0 +1,436 @@
+"""Stream records into token shards: tokenised in batches by worker processes, resumable.
+
+Records are read in a fixed order and tokenised by a pool of processes (at most two batches per
+worker in flight, so memory stays bounded); the results are written in that same order. Every
+``shard_tokens`` training tokens the current training shard and its eval shard are closed
+(fsynced, renamed) and ``prepare-state.json`` records them with the position in the sources.
+Killed and run again, a preparation continues after the last recorded shard and ends with the
+same bytes as an uninterrupted one: nothing in the output depends on batching, worker count or
+timing.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import time
+from collections import deque
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from fedtrain.data.shards import FORMAT, INDEX, file_sha256
+from fedtrain.data.sources import BadRecord, Record
+from fedtrain.storage.rundir import atomic_write_bytes
+
+__all__ = ["PrepareError", "PrepareSummary", "write_shards"]
+
+STATE = "prepare-state.json"
+BATCH_BYTES = 1 << 20
+"""Text per batch sent to a worker."""
+KEEP_BAD = 20
+"""Bad records named in the summary (all are counted)."""
+
+
+class PrepareError(ValueError):
+    """Preparation stopped (``--strict`` bad record, other settings in the directory)."""
+
+
+@dataclass(slots=True)
+class PrepareSummary:
+    out: Path
+    tokens: int
+    documents: int
+    eval_tokens: int
+    eval_documents: int
+    shards: int
+    bad_records: int
+    bad_first: list[str]
+    seconds: float
+    resumed_shards: int
+    already_done: bool = False
+
+
+@dataclass(slots=True)
+class _State:
+    job: dict[str, Any]
+    shards: list[dict[str, Any]] = field(default_factory=list)
+    eval_shards: list[dict[str, Any]] = field(default_factory=list)
+    position: tuple[int, int] = (0, 0)
+    documents: int = 0
+    """Documents started so far (the eval split is every ``stride``-th)."""
+    in_doc: bool = False
+    bad_count: int = 0
+    bad_first: list[str] = field(default_factory=list)
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "job": self.job,
+            "shards": self.shards,
+            "eval_shards": self.eval_shards,
+            "position": list(self.position),
+            "documents": self.documents,
+            "in_doc": self.in_doc,
+            "bad_count": self.bad_count,
+            "bad_first": self.bad_first,
+        }
+
+    @classmethod
+    def from_json(cls, d: dict[str, Any]) -> _State:
+        return cls(
+            job=d["job"],
+            shards=d["shards"],
+            eval_shards=d["eval_shards"],
+            position=(int(d["position"][0]), int(d["position"][1])),
+            documents=int(d["documents"]),
+            in_doc=bool(d["in_doc"]),
+            bad_count=int(d["bad_count"]),
+            bad_first=list(d["bad_first"]),
+        )
+
+
+class _Shard:
+    """One shard file being written: a ``.part`` file, renamed when closed."""
+
+    def __init__(self, path: Path, dtype: np.dtype) -> None:
+        self.path = path
+        self.part = path.with_name(path.name + ".part")
+        self.dtype = dtype
+        self.f = self.part.open("wb")
+        self.sha = hashlib.sha256()
+        self.tokens = 0
+        self.documents = 0
+
+    def write(self, ids: np.ndarray) -> None:
+        data = ids.astype(self.dtype, copy=False).tobytes()
+        self.f.write(data)
+        self.sha.update(data)
+        self.tokens += len(ids)
+
+    def close(self) -> dict[str, Any] | None:
+        """Finish the file; its index entry, or None (and no file) when it holds no tokens."""
+        self.f.flush()
+        os.fsync(self.f.fileno())
+        self.f.close()
+        if self.tokens == 0:
+            self.part.unlink()
+            return None
+        os.replace(self.part, self.path)
+        return {
+            "file": self.path.name,
+            "tokens": self.tokens,
+            "documents": self.documents,
+            "sha256": self.sha.hexdigest(),
+        }
+
+
+# --- tokenising workers ---------------------------------------------------------------------
+
+_WORKER_TOK: Any = None
+
+
+def _init_worker(tok_path: str) -> None:
+    os.environ["TOKENIZERS_PARALLELISM"] = "false"
+    from fedtrain.data.tokenizer import load_tokenizer
+
+    global _WORKER_TOK
+    _WORKER_TOK = load_tokenizer(Path(tok_path))
+
+
+def encode_texts(tok: Any, texts: list[str]) -> list[np.ndarray]:
+    """Token ids of each text (no end-of-document token)."""
+    if hasattr(tok, "encode_batch"):
+        return [np.asarray(ids, dtype=np.int64) for ids in tok.encode_batch(texts)]
+    return [np.frombuffer(t.encode("utf-8"), dtype=np.uint8).astype(np.int64) for t in texts]
+
+
+def _encode_batch(texts: list[str]) -> list[np.ndarray]:
+    return [a.astype(np.uint32) for a in encode_texts(_WORKER_TOK, texts)]
+
+
+# --- the writer ------------------------------------------------------------------------------
+
+
+@dataclass(slots=True)
+class ShardJob:
+    """Everything that decides the output bytes (recorded; a rerun must match it)."""
+
+    out: Path
+    tokenizer_path: Path
+    vocab_size: int
+    eod: int | None
+    eval_fraction: float
+    shard_tokens: int
+    sources: list[dict[str, Any]]
+    field_name: str
+    total_bytes: int
+
+    def fingerprint(self) -> dict[str, Any]:
+        return {
+            "format": FORMAT,
+            "sources": self.sources,
+            "field": self.field_name,
+            "eval_fraction": self.eval_fraction,
+            "shard_tokens": self.shard_tokens,
+            "tokenizer_sha256": file_sha256(self.tokenizer_path),
+            "eod": self.eod,
+        }
+
+
+class _Writer:
+    def __init__(self, job: ShardJob, state: _State, strict: bool) -> None:
+        self.job = job
+        self.state = state
+        self.strict = strict
+        self.dtype = np.dtype(np.uint16 if job.vocab_size <= 1 << 16 else np.uint32)
+        self.stride = round(1 / job.eval_fraction) if job.eval_fraction > 0 else 0
+        counts = job.out / "counts.partial.npy"
+        self.counts = (
+            np.load(counts)
+            if state.shards and counts.exists()
+            else np.zeros(job.vocab_size, np.int64)
+        )
+        self.tokens = sum(int(s["tokens"]) for s in state.shards)
+        self._open()
+
+    def _open(self) -> None:
+        n = len(self.state.shards)
+        self.train = _Shard(self.job.out / f"train-{n:05d}.bin", self.dtype)
+        self.eval = _Shard(self.job.out / f"eval-{n:05d}.bin", self.dtype)
+
+    def _is_eval(self, doc: int) -> bool:
+        return self.stride > 0 and doc % self.stride == self.stride // 2
+
+    def bad(self, rec: BadRecord) -> None:
+        if self.strict:
+            raise PrepareError(f"bad record {rec.message()} (--strict)")
+        self.state.bad_count += 1
+        if len(self.state.bad_first) < KEEP_BAD:
+            self.state.bad_first.append(rec.message())
+
+    def add(self, rec: Record, ids: np.ndarray) -> None:
+        st = self.state
+        if not st.in_doc:
+            st.documents += 1
+        doc = st.documents - 1
+        st.in_doc = not rec.last
+        shard = self.eval if self._is_eval(doc) else self.train
+        if rec.last and self.job.eod is not None:
+            ids = np.append(ids, self.job.eod)
+        if len(ids):
+            shard.write(ids)
+            if shard is self.train:
+                self.counts += np.bincount(ids, minlength=len(self.counts))[: len(self.counts)]
+        if rec.last:
+            shard.documents += 1
+        st.position = (rec.file, rec.line)
+        if self.train.tokens >= self.job.shard_tokens:
+            self.checkpoint()
+
+    def checkpoint(self, final: bool = False) -> None:
+        """Close the current shard pair and record it with the position after it."""
+        entry, eval_entry = self.train.close(), self.eval.close()
+        if entry is not None:
+            self.state.shards.append(entry)
+            self.tokens += entry["tokens"]
+        elif eval_entry is not None:
+            # Held-out text with no training text after it: still a numbered pair.
+            self.state.shards.append({"file": None, "tokens": 0, "documents": 0, "sha256": None})
+        if eval_entry is not None:
+            self.state.eval_shards.append(eval_entry)
+        np.save(self.job.out / "counts.partial.npy", self.counts)
+        atomic_write_bytes(self.job.out / STATE, json.dumps(self.state.to_json()).encode())
+        if not final:
+            self._open()
+
+
+def _load_state(job: ShardJob) -> _State:
+    """The recorded progress in ``job.out`` (fresh when there is none); leftovers of a crash
+    (unrecorded shard files) are removed so they are written again, identically."""
+    fp = job.fingerprint()
+    path = job.out / STATE
+    state = _State(job=fp)
+    if path.exists():
+        old = _State.from_json(json.loads(path.read_text()))
+        if old.job != fp:
+            raise PrepareError(
+                f"{job.out} holds an unfinished preparation of other sources or settings; "
+                "run it with those, delete the directory, or choose another --out"
+            )
+        state = old
+    keep = {s["file"] for s in [*state.shards, *state.eval_shards] if s["file"]}
+    for p in job.out.iterdir():
+        if p.name.startswith(("train-", "eval-")) and p.name not in keep:
+            p.unlink()
+    return state
+
+
+def write_shards(
+    job: ShardJob,
+    records: Callable[[tuple[int, int], list[int]], Iterator[Record | BadRecord]],
+    *,
+    workers: int,
+    strict: bool = False,
+    on_progress: Callable[[int, int, int], None] | None = None,
+) -> PrepareSummary:
+    """Write ``job.out`` from ``records(start, byte_counter)``; resume when state is there.
+
+    ``on_progress(bytes_read, tokens, documents)`` is called after each batch."""
+    t0 = time.monotonic()
+    job.out.mkdir(parents=True, exist_ok=True)
+    done = _finished(job)
+    if done is not None:
+        return done
+    state = _load_state(job)
+    resumed = len(state.shards)
+    w = _Writer(job, state, strict)
+    counter = [0]
+    stream = records(state.position, counter)
+    for rec, ids in _tokenised(stream, job.tokenizer_path, workers):
+        if isinstance(rec, BadRecord):
+            w.bad(rec)
+            continue
+        w.add(rec, ids)
+        if on_progress is not None:
+            on_progress(counter[0], w.tokens + w.train.tokens + w.eval.tokens, state.documents)
+    w.checkpoint(final=True)
+    index = _write_index(job, state, w.counts)
+    summary = _summary_from_index(job.out, index, time.monotonic() - t0)
+    summary.resumed_shards = resumed
+    return summary
+
+
+def _tokenised(
+    stream: Iterator[Record | BadRecord], tok_path: Path, workers: int
+) -> Iterator[tuple[Record | BadRecord, np.ndarray]]:
+    """``(record, ids)`` in stream order; ids tokenised in batches by ``workers`` processes
+    (in this process when 0), at most two batches per worker in flight."""
+    empty = np.zeros(0, dtype=np.int64)
+    batches = _batches(stream)
+    if workers <= 0:
+        from fedtrain.data.tokenizer import load_tokenizer
+
+        tok = load_tokenizer(tok_path)
+        for batch in batches:
+            ids = iter(encode_texts(tok, [r.text for r in batch if isinstance(r, Record)]))
+            for r in batch:
+                yield r, (next(ids) if isinstance(r, Record) else empty)
+        return
+    import multiprocessing as mp
+    from concurrent.futures import ProcessPoolExecutor
+    from concurrent.futures.process import BrokenProcessPool
+
+    ctx = mp.get_context("spawn")
+    pool = ProcessPoolExecutor(
+        workers, mp_context=ctx, initializer=_init_worker, initargs=(str(tok_path),)
+    )
+    try:
+        pending: deque[tuple[list[Record | BadRecord], Any]] = deque()
+        for batch in batches:
+            texts = [r.text for r in batch if isinstance(r, Record)]
+            pending.append((batch, pool.submit(_encode_batch, texts)))
+            if len(pending) >= 2 * workers:
+                yield from _drain(pending.popleft(), empty)
+        while pending:
+            yield from _drain(pending.popleft(), empty)
+    except BrokenProcessPool:
+        raise PrepareError(
+            "a tokenising worker died (out of memory?); finished shards are kept: run the "
+            "same command again to continue, perhaps with fewer --workers"
+        ) from None
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
+
+
+def _drain(
+    item: tuple[list[Record | BadRecord], Any], empty: np.ndarray
+) -> Iterator[tuple[Record | BadRecord, np.ndarray]]:
+    batch, result = item
+    ids = iter(result.result())
+    for r in batch:
+        yield r, (next(ids).astype(np.int64) if isinstance(r, Record) else empty)
+
+
+def _batches(stream: Iterator[Record | BadRecord]) -> Iterator[list[Record | BadRecord]]:
+    batch: list[Record | BadRecord] = []
+    size = 0
+    for rec in stream:
+        batch.append(rec)
+        size += len(rec.text) if isinstance(rec, Record) else 0
+        if size >= BATCH_BYTES:
+            yield batch
+            batch, size = [], 0
+    if batch:
+        yield batch
+
+
+def _write_index(job: ShardJob, state: _State, counts: np.ndarray) -> dict[str, Any]:
+    np.save(job.out / "counts.npy", counts)
+    (job.out / "counts.partial.npy").unlink(missing_ok=True)
+    shards = [s for s in state.shards if s["file"]]
+    train_tokens = sum(s["tokens"] for s in shards)
+    train_docs = sum(s["documents"] for s in shards)
+    eval_tokens = sum(s["tokens"] for s in state.eval_shards)
+    eval_docs = sum(s["documents"] for s in state.eval_shards)
+    index = {
+        "format": FORMAT,
+        "tokens": train_tokens + eval_tokens,
+        "documents": train_docs + eval_docs,
+        "dtype": np.dtype(np.uint16 if job.vocab_size <= 1 << 16 else np.uint32).name,
+        "vocab_size": job.vocab_size,
+        "eod": job.eod,
+        "tokenizer": {"file": job.tokenizer_path.name, "sha256": file_sha256(job.tokenizer_path)},
+        "sources": job.sources,
+        "field": job.field_name,
+        "shard_tokens": job.shard_tokens,
+        "train": {"tokens": train_tokens, "documents": train_docs},
+        "shards": shards,
+        "eval": {
+            "fraction": job.eval_fraction,
+            "tokens": eval_tokens,
+            "documents": eval_docs,
+            "shards": state.eval_shards,
+        },
+        "bad_records": {"count": state.bad_count, "first": state.bad_first},
+        "unigram_counts": "counts.npy",
+        "job": state.job,
+    }
+    atomic_write_bytes(job.out / INDEX, (json.dumps(index, indent=1) + "\n").encode())
+    (job.out / STATE).unlink(missing_ok=True)
+    return index
+
+
+def _finished(job: ShardJob) -> PrepareSummary | None:
+    """The summary of a finished preparation of this job in ``job.out`` (None when there is
+    none); PrepareError when ``job.out`` holds a finished preparation of something else."""
+    path = job.out / INDEX
+    if not path.exists():
+        return None
+    index = json.loads(path.read_text())
+    if index.get("job") != job.fingerprint():
+        raise PrepareError(
+            f"{job.out} already holds a preparation of other sources or settings; "
+            "delete it or choose another --out"
+        )
+    summary = _summary_from_index(job.out, index, 0.0)
+    summary.already_done = True
+    return summary
+
+
+def _summary_from_index(out: Path, index: dict[str, Any], seconds: float) -> PrepareSummary:
+    return PrepareSummary(
+        out=out,
+        tokens=index["train"]["tokens"],
+        documents=index["train"]["documents"],
+        eval_tokens=index["eval"]["tokens"],
+        eval_documents=index["eval"]["documents"],
+        shards=len(index["shards"]),
+        bad_records=index["bad_records"]["count"],
+        bad_first=index["bad_records"]["first"],
+        seconds=seconds,
+        resumed_shards=0,
+    )
