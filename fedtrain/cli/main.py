@@ -6,6 +6,7 @@ from typing import Annotated
 
 import typer
 
+from fedtrain.cli import data as data_cmd
 from fedtrain.cli import deploy as deploy_cmd
 from fedtrain.cli import flwr as flwr_cmd
 from fedtrain.cli import keys as keys_cmd
@@ -33,6 +34,7 @@ app.command(
     context_settings={"allow_interspersed_args": False, "ignore_unknown_options": True},
 )(flwr_cmd.flwr)
 app.add_typer(keys_cmd.keys_app, name="keys")
+app.add_typer(data_cmd.data_app, name="data")
 app.add_typer(store_cmd.app, name="store")
 
 

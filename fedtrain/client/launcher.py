@@ -91,9 +91,18 @@ _SAMPLE_BYTES = 1 << 14
 def check_data(url: str) -> int:
     """Check ``--data`` before anything starts: it matches files (path, glob or fsspec URL, as
     :func:`fedtrain.data.corpus.read_text_documents` reads it) and their first bytes are UTF-8
-    text (jsonl: a first line with a 'text' field), not all empty. Returns the file count;
-    ValueError (one line) otherwise."""
+    text (jsonl: a first line with a 'text' field), not all empty; or it is a directory made
+    by ``fedtrain data prepare`` whose shards are all there, at their sizes. Returns the file
+    (shard) count; ValueError (one line) otherwise."""
     import fsspec
+
+    from fedtrain.data.shards import ShardError, TokenShards, is_prepared
+
+    if is_prepared(url):
+        try:
+            return len(TokenShards.open(url, verify=False).index["shards"])
+        except ShardError as e:
+            raise ValueError(f"--data {url!r}: {e}") from None
 
     try:
         files = fsspec.open_files(url, mode="rb")
@@ -110,6 +119,9 @@ def check_data(url: str) -> int:
             raise ValueError(f"--data {url!r}: no such file ({of.path})") from None
         except OSError as e:
             raise ValueError(f"--data {url!r}: cannot read {of.path}: {e}") from None
+        if of.path.endswith((".gz", ".zst", ".parquet")):
+            empty = empty and not head
+            continue  # compressed / columnar: its records are checked as they are prepared
         try:
             text = _sample_text(of.path, head[:_SAMPLE_BYTES], len(head) <= _SAMPLE_BYTES)
         except ValueError as e:

@@ -150,17 +150,19 @@ def prepare_sources(
 
 
 class _Progress:
-    """A progress bar on stderr: bytes read of the total, tokens, tokens/s."""
+    """Progress on stderr: bytes read of the total, tokens, tokens/s, documents. A bar on a
+    terminal; a line every 10 s otherwise (logs)."""
 
     def __init__(self, total_bytes: int, enabled: bool, label: str) -> None:
         self.enabled = enabled and total_bytes > 0
+        self.bar = self.enabled and sys.stderr.isatty()
         self.total = total_bytes
         self.label = label
-        self._last = 0.0
         self._t0 = time.monotonic()
+        self._last = 0.0 if self.bar else self._t0
 
     def __enter__(self) -> _Progress:
-        if self.enabled:
+        if self.bar:
             from rich.console import Console
             from rich.progress import (
                 BarColumn,
@@ -186,15 +188,23 @@ class _Progress:
 
     def update(self, read: int, tokens: int, documents: int) -> None:
         now = time.monotonic()
-        if not self.enabled or now - self._last < 0.2:
+        if not self.enabled or now - self._last < (0.2 if self.bar else 10.0):
             return
         self._last = now
         rate = tokens / max(now - self._t0, 1e-9)
         text = f"{tokens / 1e6:.1f}M tokens, {rate / 1e6:.2f}M tok/s, {documents:,} docs"
-        self._p.update(self._task, completed=min(read, self.total), tokens=text)
+        if self.bar:
+            self._p.update(self._task, completed=min(read, self.total), tokens=text)
+        else:
+            pct = 100.0 * min(read, self.total) / self.total
+            print(
+                f"preparing {self.label}: {pct:.1f}% of {self.total:,} bytes, {text}",
+                file=sys.stderr,
+                flush=True,
+            )
 
     def __exit__(self, *exc: object) -> None:
-        if self.enabled:
+        if self.bar:
             self._p.update(self._task, completed=self.total)
             self._p.stop()
 
@@ -238,7 +248,7 @@ def open_tokens(
             TokenizerChoice(file=out / "tokenizer.json"),
             workers=workers,
             eval_fraction=0.0,
-            progress=progress and sys.stderr.isatty(),
+            progress=progress,
         )
 
     return _cached(key, tokenizer_path, prepare)

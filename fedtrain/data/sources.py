@@ -154,7 +154,10 @@ def read_records(
         to_skip = skip if i == first_file else 0
         try:
             with fsspec.open(sf.url, mode="rb") as raw:
-                yield from _file_records(i, sf, _Counting(raw, counter), field, to_skip)
+                if sf.fmt == ".parquet":  # needs seeks: read the file object itself
+                    yield from _parquet_records(i, sf, raw, field, to_skip, counter)
+                else:
+                    yield from _file_records(i, sf, _Counting(raw, counter), field, to_skip)
         except (OSError, EOFError, ValueError) as e:
             # A file that cannot be opened, or breaks while being read (truncated gzip, ...).
             yield BadRecord(i, 0, f"{sf.name}:0", f"cannot read: {_short(e)}")
@@ -175,8 +178,6 @@ def _file_records(
     f = io.BufferedReader(raw, 1 << 20)
     if sf.fmt == ".txt":
         yield from _txt_records(i, sf, f, skip)
-    elif sf.fmt == ".parquet":
-        yield from _parquet_records(i, sf, f, field, skip)
     else:
         stream: BinaryIO = f  # type: ignore[assignment]
         if sf.fmt == ".jsonl.gz":
@@ -257,11 +258,12 @@ def _line_cut(text: str) -> int:
 
 
 def _parquet_records(
-    i: int, sf: SourceFile, f: BinaryIO, field: str, skip: int
+    i: int, sf: SourceFile, f: BinaryIO, field: str, skip: int, counter: list[int]
 ) -> Iterator[Record | BadRecord]:
     import pyarrow.parquet as pq
 
     pf = pq.ParquetFile(f)
+    total_rows = max(1, pf.metadata.num_rows)
     if field not in pf.schema_arrow.names:
         yield BadRecord(
             i,
@@ -275,8 +277,10 @@ def _parquet_records(
         rows = pf.metadata.row_group(g).num_rows
         if row + rows <= skip:
             row += rows
+            counter[0] += sf.size * rows // total_rows
             continue
         values = pf.read_row_group(g, columns=[field]).column(0).to_pylist()
+        counter[0] += sf.size * rows // total_rows  # progress: this group's share of the file
         for value in values:
             row += 1
             if row <= skip:

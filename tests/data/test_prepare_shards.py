@@ -1,0 +1,360 @@
+"""`fedtrain data prepare`: formats, exact tokens, resume after SIGKILL, bad records, corrupted
+shards, and training from memory-mapped shards."""
+
+from __future__ import annotations
+
+import gzip
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from fedtrain.cli.main import app
+from fedtrain.data import TokenStream, kjv_documents
+from fedtrain.data.prepared import TokenizerChoice, open_tokens, prepare_sources
+from fedtrain.data.shards import ShardedTokens, ShardError, TokenShards
+from fedtrain.data.tokenizer import eod_id, load_tokenizer, train_bpe
+from fedtrain.data.writer import PrepareError
+
+DOCS = [d.text for d in kjv_documents()[:120]]
+
+
+def _split(docs: list[str], fraction: float) -> tuple[list[str], list[str]]:
+    stride = round(1 / fraction)
+    ev = [d for i, d in enumerate(docs) if i % stride == stride // 2]
+    tr = [d for i, d in enumerate(docs) if i % stride != stride // 2]
+    return tr, ev
+
+
+def _all(seq: ShardedTokens) -> list[int]:
+    return seq.read(0, len(seq)).tolist()
+
+
+def _write_sources(root: Path, docs: list[str]) -> list[str]:
+    """The same documents spread over every supported format, in this order."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    import zstandard
+
+    root.mkdir(parents=True, exist_ok=True)
+    a, b, c, d, e = (docs[i::5] for i in range(5))
+    (root / "a.txt").write_text(a[0])  # one document per .txt file
+    lines = lambda ds: "".join(json.dumps({"text": t}) + "\n" for t in ds)  # noqa: E731
+    (root / "b.jsonl").write_text(lines(b))
+    with gzip.open(root / "c.jsonl.gz", "wt") as f:
+        f.write(lines(c))
+    (root / "d.jsonl.zst").write_bytes(zstandard.ZstdCompressor().compress(lines(d).encode()))
+    pq.write_table(
+        pa.table({"text": e, "n": list(range(len(e)))}), root / "e.parquet", row_group_size=7
+    )
+    order = [a[0], *b, *c, *d, *e]
+    return [
+        str(root / n) for n in ("a.txt", "b.jsonl", "c.jsonl.gz", "d.jsonl.zst", "e.parquet")
+    ], order
+
+
+def test_byte_shards_decode_to_the_documents_of_every_format(tmp_path):
+    srcs, order = _write_sources(tmp_path / "src", DOCS[:50])
+    s = prepare_sources(
+        srcs,
+        tmp_path / "out",
+        TokenizerChoice(byte=True),
+        workers=0,
+        eval_fraction=0.1,
+        shard_tokens=20_000,
+        progress=False,
+    )
+    shards = TokenShards.open(tmp_path / "out")
+    assert s.shards == len(shards.index["shards"]) > 1
+    assert shards.index["dtype"] == "uint16" and shards.index["eod"] == 256
+    train, ev = _split(order, 0.1)
+    for seq, want in ((shards.train, train), (shards.eval, ev)):
+        ids = np.array(_all(seq))
+        cuts = np.flatnonzero(ids == 256)
+        assert len(cuts) == len(want)  # one end-of-document token after each document
+        parts = np.split(ids, cuts + 1)[:-1]
+        assert [bytes(p[:-1].astype(np.uint8)).decode() for p in parts] == want
+    idx = shards.index
+    assert idx["tokens"] == len(shards.train) + len(shards.eval)
+    assert idx["documents"] == len(order) == idx["train"]["documents"] + idx["eval"]["documents"]
+    assert sum(x["documents"] for x in idx["shards"]) == len(train)
+    assert [x["url"].rsplit("/", 1)[1] for x in idx["sources"]] == [Path(p).name for p in srcs]
+
+
+@pytest.fixture(scope="module")
+def bpe_file(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("tok") / "tokenizer.json"
+    train_bpe(DOCS, 600, special_tokens=["<|endoftext|>"]).save(path)
+    return path
+
+
+def test_bpe_shards_equal_tokenising_each_document(tmp_path, bpe_file):
+    srcs, order = _write_sources(tmp_path / "src", DOCS[:60])
+    prepare_sources(
+        srcs,
+        tmp_path / "out",
+        TokenizerChoice(file=bpe_file),
+        workers=2,
+        eval_fraction=0.05,
+        shard_tokens=5_000,
+        progress=False,
+    )
+    shards = TokenShards.open(tmp_path / "out")
+    tok = load_tokenizer(bpe_file)
+    eod = eod_id(tok)
+    assert eod == 0
+    train, ev = _split(order, 0.05)
+    for seq, want in ((shards.train, train), (shards.eval, ev)):
+        assert _all(seq) == [i for t in want for i in [*tok.encode(t), eod]]
+    counts = shards.unigram_counts(tok.vocab_size)
+    assert counts.sum() == len(shards.train)
+    assert (counts == np.bincount(_all(shards.train), minlength=tok.vocab_size)).all()
+
+
+def test_a_large_txt_file_is_read_in_pieces_with_the_same_tokens(tmp_path, bpe_file, monkeypatch):
+    import fedtrain.data.sources as sources
+
+    monkeypatch.setattr(sources, "TXT_PIECE_BYTES", 1000)
+    text = "".join(DOCS[:30])
+    (tmp_path / "big.txt").write_text(text)
+    prepare_sources(
+        [str(tmp_path / "big.txt")],
+        tmp_path / "out",
+        TokenizerChoice(file=bpe_file),
+        workers=0,
+        eval_fraction=0.0,
+        shard_tokens=3_000,
+        progress=False,
+    )
+    shards = TokenShards.open(tmp_path / "out")
+    tok = load_tokenizer(bpe_file)
+    assert _all(shards.train) == [*tok.encode(text), 0]
+    assert shards.index["documents"] == 1 and len(shards.index["shards"]) > 1
+
+
+def test_a_hugging_face_tokenizer_file_with_its_own_end_token(tmp_path):
+    """A tokenizer.json of another kind (Unigram + Metaspace, `</s>`, as Llama-style
+    checkpoints ship) is used as it is; its `</s>` ends each document."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+
+    hf = Tokenizer(models.Unigram())
+    hf.pre_tokenizer = pre_tokenizers.Metaspace()
+    hf.train_from_iterator(
+        DOCS,
+        trainers.UnigramTrainer(
+            vocab_size=500, special_tokens=["<unk>", "<s>", "</s>"], unk_token="<unk>"
+        ),
+    )
+    path = tmp_path / "llama-like.json"
+    hf.save(str(path))
+    src = tmp_path / "d.jsonl"
+    src.write_text("".join(json.dumps({"body": t}) + "\n" for t in DOCS[:20]))
+    out = CliRunner().invoke(
+        app,
+        [
+            "data",
+            "prepare",
+            str(src),
+            "--out",
+            str(tmp_path / "o"),
+            "--tokenizer",
+            str(path),
+            "--field",
+            "body",
+            "--workers",
+            "0",
+            "--eval-fraction",
+            "0",
+        ],
+    )
+    assert out.exit_code == 0, out.output
+    shards = TokenShards.open(tmp_path / "o")
+    assert _all(shards.train) == [i for t in DOCS[:20] for i in [*hf.encode(t).ids, 2]]
+    assert (tmp_path / "o" / "tokenizer.json").read_bytes() == path.read_bytes()
+
+
+def test_bad_records_are_counted_by_file_and_line_and_strict_stops(tmp_path):
+    src = tmp_path / "src"
+    src.mkdir()
+    good = json.dumps({"text": "fine text\n"})
+    (src / "a.jsonl").write_bytes(
+        "\n".join([good, good, "{not json", good, json.dumps({"title": "x"}), good]).encode()
+        + b"\n\xff\xfe bad bytes\n"
+    )
+    (src / "b.jsonl.gz").write_bytes(b"this was never gzip")  # unreadable
+    (src / "c.txt").write_text("a plain document\n")
+    r = CliRunner().invoke(
+        app, ["data", "prepare", str(src), "--out", str(tmp_path / "o"), "--byte", "--workers", "0"]
+    )
+    assert r.exit_code == 0, r.output
+    assert "4 bad record(s) skipped" in r.output
+    for where in (
+        "a.jsonl:3: invalid JSON",
+        "a.jsonl:5: no string field 'text'",
+        "a.jsonl:7: bytes that are not UTF-8",
+        "b.jsonl.gz:0: cannot read",
+    ):
+        assert where in r.output
+    idx = json.loads((tmp_path / "o" / "index.json").read_text())
+    assert idx["bad_records"]["count"] == 4 and idx["documents"] == 5
+    r = CliRunner().invoke(
+        app,
+        [
+            "data",
+            "prepare",
+            str(src),
+            "--out",
+            str(tmp_path / "s"),
+            "--byte",
+            "--workers",
+            "0",
+            "--strict",
+        ],
+    )
+    assert r.exit_code == 2
+    assert "a.jsonl:3: invalid JSON" in r.output and "--strict" in r.output
+
+
+def test_sigkill_mid_prepare_then_rerun_is_byte_identical(tmp_path, bpe_file):
+    src = tmp_path / "corpus.jsonl"
+    with src.open("w") as f:
+        for _ in range(3):
+            for t in DOCS:
+                f.write(json.dumps({"text": t}) + "\n")
+    cmd = [
+        sys.executable,
+        "-m",
+        "fedtrain.cli.main",
+        "data",
+        "prepare",
+        str(src),
+        "--tokenizer",
+        str(bpe_file),
+        "--shard-tokens",
+        "20000",
+        "--workers",
+        "1",
+        "-q",
+    ]
+    ref = subprocess.run(
+        [*cmd, "--out", str(tmp_path / "ref")], capture_output=True, text=True, timeout=300
+    )
+    assert ref.returncode == 0, ref.stderr
+    out = tmp_path / "killed"
+    p = subprocess.Popen(
+        [*cmd, "--out", str(out)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        start_new_session=True,
+    )
+    deadline = time.monotonic() + 120
+    state = out / "prepare-state.json"
+    while time.monotonic() < deadline and p.poll() is None:
+        if state.exists() and len(json.loads(state.read_text() or "{}").get("shards", [])) >= 2:
+            break
+        time.sleep(0.01)
+    assert p.poll() is None, "finished before it could be killed"
+    os.killpg(p.pid, signal.SIGKILL)
+    p.wait(timeout=30)
+    assert not (out / "index.json").exists()
+    again = subprocess.run([*cmd, "--out", str(out)], capture_output=True, text=True, timeout=300)
+    assert again.returncode == 0, again.stderr
+    assert "resumed after" in again.stdout
+    names = sorted(x.name for x in (tmp_path / "ref").iterdir())
+    assert names == sorted(x.name for x in out.iterdir() if x.name != "verified.json")
+    for n in names:
+        assert (out / n).read_bytes() == (tmp_path / "ref" / n).read_bytes(), n
+
+
+def test_a_corrupted_truncated_or_missing_shard_is_refused_by_name(tmp_path):
+    (tmp_path / "d.jsonl").write_text("".join(json.dumps({"text": t}) + "\n" for t in DOCS[:40]))
+    out = tmp_path / "o"
+    prepare_sources(
+        [str(tmp_path / "d.jsonl")],
+        out,
+        TokenizerChoice(byte=True),
+        workers=0,
+        shard_tokens=10_000,
+        progress=False,
+    )
+    TokenShards.open(out)
+    shard = out / "train-00001.bin"
+    data = bytearray(shard.read_bytes())
+    data[100] ^= 1
+    shard.write_bytes(bytes(data))
+    with pytest.raises(ShardError, match="train-00001.bin is corrupted"):
+        TokenShards.open(out)
+    shard.write_bytes(bytes(data[:-2]))
+    with pytest.raises(ShardError, match="train-00001.bin is truncated"):
+        TokenShards.open(out)
+    shard.unlink()
+    with pytest.raises(ShardError, match="train-00001.bin is missing"):
+        open_tokens(str(out), out / "tokenizer.json")
+
+
+def test_other_settings_in_the_same_directory_are_refused(tmp_path):
+    (tmp_path / "d.jsonl").write_text(json.dumps({"text": "words " * 50}) + "\n")
+    src = [str(tmp_path / "d.jsonl")]
+    prepare_sources(src, tmp_path / "o", TokenizerChoice(byte=True), workers=0, progress=False)
+    again = prepare_sources(
+        src, tmp_path / "o", TokenizerChoice(byte=True), workers=0, progress=False
+    )
+    assert again.already_done
+    with pytest.raises(PrepareError, match="other sources or settings"):
+        prepare_sources(
+            src,
+            tmp_path / "o",
+            TokenizerChoice(byte=True),
+            workers=0,
+            eval_fraction=0.2,
+            progress=False,
+        )
+
+
+@pytest.mark.parametrize("order", ["random", "sequential"])
+def test_batches_from_shards_equal_the_in_memory_batches(tmp_path, order):
+    rng = np.random.default_rng(0)
+    tokens = rng.integers(0, 60_000, size=10_007)
+    files = []
+    for k, part in enumerate(np.array_split(tokens, 7)):  # windows cross shard boundaries
+        f = tmp_path / f"s{k}.bin"
+        part.astype(np.uint16).tofile(f)
+        files.append(f)
+    mem = TokenStream(torch.from_numpy(tokens), 3, "silo0", order, accum=2)
+    mapped = TokenStream(ShardedTokens(files, "uint16"), 3, "silo0", order, accum=2)
+    for step in (0, 1, 17, 400):
+        for micro in (0, 1):
+            for a, b in zip(mem.batch(step, micro, 8, 32), mapped.batch(step, micro, 8, 32), strict=False):
+                assert torch.equal(a, b)
+
+
+def test_sequential_order_reads_each_token_once_per_epoch():
+    tokens = torch.arange(1 + 16 * 10)  # 16 windows of 10
+    s = TokenStream(tokens, 0, "x", "sequential", accum=2)
+    seen = [s.batch(step, m, 4, 10)[0][:, 0].tolist() for step in range(2) for m in range(2)]
+    assert sorted(i for b in seen for i in b) == list(range(0, 160, 10))
+    assert s.epoch(2, 4, 10) == 1.0
+    assert torch.equal(s.batch(2, 0, 4, 10)[0], s.batch(0, 0, 4, 10)[0])  # epoch 2 starts over
+
+
+def test_raw_silo_sources_are_prepared_once_into_the_cache(tmp_path, bpe_file, monkeypatch):
+    monkeypatch.setenv("FEDTRAIN_DATA_CACHE", str(tmp_path / "cache"))
+    (tmp_path / "d.jsonl").write_text("".join(json.dumps({"text": t}) + "\n" for t in DOCS[:10]))
+    first = open_tokens(str(tmp_path / "d.jsonl"), bpe_file)
+    stamp = (first.root / "index.json").stat().st_mtime_ns
+    second = open_tokens(str(tmp_path / "d.jsonl"), bpe_file)
+    assert second.root == first.root and (second.root / "index.json").stat().st_mtime_ns == stamp
+    tok = load_tokenizer(bpe_file)
+    assert _all(second.train) == [i for t in DOCS[:10] for i in [*tok.encode(t), 0]]
+    other = tmp_path / "byte.json"
+    other.write_text('{"type": "byte"}\n')
+    with pytest.raises(PrepareError, match="another tokenizer"):
+        open_tokens(str(first.root), other)
