@@ -215,6 +215,10 @@ class SiloWorker:
             "steps": stats.steps,
             "silo_step": self.trainer.step,
         }
+        stream = self.trainer.stream
+        if stream.order == "sequential":
+            cfg = self.trainer.cfg
+            meta["epoch"] = stream.epoch(self.trainer.step, cfg.batch_size, cfg.seq_len)
         payload = self._encode(tensors, kind, round, meta)
         return WorkResult(
             payload=payload, stats=stats, values=sum(t.numel() for t in tensors.values())

@@ -393,4 +393,5 @@ class RoundIntake:
             train_loss=payload.meta.get("train_loss"),
             arrival_s=reply.arrival_s,
             weight=w,
+            **({"epoch": payload.meta["epoch"]} if "epoch" in payload.meta else {}),
         )

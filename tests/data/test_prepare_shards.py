@@ -358,3 +358,35 @@ def test_raw_silo_sources_are_prepared_once_into_the_cache(tmp_path, bpe_file, m
     other.write_text('{"type": "byte"}\n')
     with pytest.raises(PrepareError, match="another tokenizer"):
         open_tokens(str(first.root), other)
+
+
+def test_simulate_trains_from_prepared_directories_with_their_tokenizer(tmp_path, bpe_file):
+    from tests.conftest import tiny_config_dict
+
+    from fedtrain.config import config_from_dict
+    from fedtrain.simulation.runner import simulate
+
+    dirs = {}
+    for k, name in enumerate(("silo0", "silo1")):
+        src = tmp_path / f"{name}.jsonl"
+        src.write_text("".join(json.dumps({"text": t}) + "\n" for t in DOCS[k * 40 : k * 40 + 40]))
+        dirs[name] = str(tmp_path / f"prep-{name}")
+        prepare_sources(
+            [str(src)], Path(dirs[name]), TokenizerChoice(file=bpe_file), workers=0, progress=False
+        )
+    cfg = config_from_dict(
+        tiny_config_dict(
+            run={"rounds": 2, "eval_batches": 4},
+            data={"silo_data": dirs, "order": "sequential"},
+            train={"inner_steps": 4},
+        )
+    )
+    summary = simulate(cfg, tmp_path / "run", quiet=True, step_time_s=0.01)
+    assert summary["vocab_size"] == 600  # the prepared directories' tokenizer, not bytes
+    assert (tmp_path / "run" / "tokenizer.json").read_bytes() == bpe_file.read_bytes()
+    events = [json.loads(x) for x in (tmp_path / "run" / "events.jsonl").read_text().splitlines()]
+    epochs = {e["silo"]: e["epoch"] for e in events if e.get("event") == "reply"}
+    assert set(epochs) == {"silo0", "silo1"}
+    for silo, got in epochs.items():  # after round 2: 8 steps of 4 windows of 32 tokens
+        windows = (len(TokenShards.open(dirs[silo]).train) - 1) // 32
+        assert got == pytest.approx(8 * 4 / windows)
