@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import TYPE_CHECKING, Annotated, Optional
 
 import typer
 
 from fedtrain.cli.errors import user_errors
+
+if TYPE_CHECKING:
+    from fedtrain.data.writer import PrepareSummary
 
 __all__ = ["data_app"]
 
@@ -93,6 +96,11 @@ def prepare(
             shard_tokens=shard_tokens,
             progress=not quiet,
         )
+    _report(out, s)
+
+
+def _report(out: Path, s: PrepareSummary) -> None:
+    """The summary lines of a preparation."""
     if s.already_done:
         typer.echo(f"{out}: already prepared")
     elif s.resumed_shards:

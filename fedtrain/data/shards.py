@@ -203,7 +203,5 @@ def _check_shard(
     stamp = [st.st_size, st.st_mtime_ns]
     if seen is not None and seen.get(entry["file"]) != stamp:
         if file_sha256(path) != entry["sha256"]:
-            raise ShardError(
-                f"shard {path} is corrupted: its sha256 does not match {root / INDEX}"
-            )
+            raise ShardError(f"shard {path} is corrupted: its sha256 does not match {root / INDEX}")
     return stamp

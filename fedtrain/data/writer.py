@@ -15,7 +15,6 @@ import hashlib
 import json
 import os
 import time
-from collections import deque
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,6 +22,7 @@ from typing import Any
 
 import numpy as np
 
+from fedtrain.data.encode import Batch, Encoded, tokenised
 from fedtrain.data.shards import FORMAT, INDEX, file_sha256
 from fedtrain.data.sources import BadRecord, Record
 from fedtrain.storage.rundir import atomic_write_bytes
@@ -30,8 +30,6 @@ from fedtrain.storage.rundir import atomic_write_bytes
 __all__ = ["PrepareError", "PrepareSummary", "write_shards"]
 
 STATE = "prepare-state.json"
-BATCH_BYTES = 1 << 20
-"""Text per batch sent to a worker."""
 KEEP_BAD = 20
 """Bad records named in the summary (all are counted)."""
 
@@ -128,30 +126,6 @@ class _Shard:
         }
 
 
-# --- tokenising workers ---------------------------------------------------------------------
-
-_WORKER_TOK: Any = None
-
-
-def _init_worker(tok_path: str) -> None:
-    os.environ["TOKENIZERS_PARALLELISM"] = "false"
-    from fedtrain.data.tokenizer import load_tokenizer
-
-    global _WORKER_TOK
-    _WORKER_TOK = load_tokenizer(Path(tok_path))
-
-
-def encode_texts(tok: Any, texts: list[str]) -> list[np.ndarray]:
-    """Token ids of each text (no end-of-document token)."""
-    if hasattr(tok, "encode_batch"):
-        return [np.asarray(ids, dtype=np.int64) for ids in tok.encode_batch(texts)]
-    return [np.frombuffer(t.encode("utf-8"), dtype=np.uint8).astype(np.int64) for t in texts]
-
-
-def _encode_batch(texts: list[str]) -> list[np.ndarray]:
-    return [a.astype(np.uint32) for a in encode_texts(_WORKER_TOK, texts)]
-
-
 # --- the writer ------------------------------------------------------------------------------
 
 
@@ -212,24 +186,40 @@ class _Writer:
         if len(self.state.bad_first) < KEEP_BAD:
             self.state.bad_first.append(rec.message())
 
-    def add(self, rec: Record, ids: np.ndarray) -> None:
+    def add(self, batch: Batch, encoded: Encoded) -> None:
+        """Write one tokenised batch: each record's ids to the train or eval shard of its
+        document, in runs of consecutive records; close the shard pair when it is full."""
+        ids, lengths = encoded
         st = self.state
-        if not st.in_doc:
-            st.documents += 1
-        doc = st.documents - 1
-        st.in_doc = not rec.last
-        shard = self.eval if self._is_eval(doc) else self.train
-        if rec.last and self.job.eod is not None:
-            ids = np.append(ids, self.job.eod)
-        if len(ids):
-            shard.write(ids)
-            if shard is self.train:
-                self.counts += np.bincount(ids, minlength=len(self.counts))[: len(self.counts)]
-        if rec.last:
-            shard.documents += 1
-        st.position = (rec.file, rec.line)
-        if self.train.tokens >= self.job.shard_tokens:
-            self.checkpoint()
+        k = pos = start = 0
+        target: _Shard | None = None
+        for rec in batch:
+            if isinstance(rec, BadRecord):
+                self.bad(rec)
+                continue
+            if not st.in_doc:
+                st.documents += 1
+            st.in_doc = not rec.last
+            shard = self.eval if self._is_eval(st.documents - 1) else self.train
+            if shard is not target:
+                self._write(target, ids[start:pos])
+                target, start = shard, pos
+            pos += int(lengths[k])
+            k += 1
+            shard.documents += int(rec.last)
+            st.position = (rec.file, rec.line)
+            if shard is self.train and shard.tokens + pos - start >= self.job.shard_tokens:
+                self._write(shard, ids[start:pos])
+                self.checkpoint()
+                target, start = None, pos
+        self._write(target, ids[start:pos])
+
+    def _write(self, shard: _Shard | None, ids: np.ndarray) -> None:
+        if shard is None or not len(ids):
+            return
+        shard.write(ids)
+        if shard is self.train:
+            self.counts += np.bincount(ids, minlength=len(self.counts))[: len(self.counts)]
 
     def checkpoint(self, final: bool = False) -> None:
         """Close the current shard pair and record it with the position after it."""
@@ -290,11 +280,8 @@ def write_shards(
     w = _Writer(job, state, strict)
     counter = [0]
     stream = records(state.position, counter)
-    for rec, ids in _tokenised(stream, job.tokenizer_path, workers):
-        if isinstance(rec, BadRecord):
-            w.bad(rec)
-            continue
-        w.add(rec, ids)
+    for batch, encoded in tokenised(stream, job.tokenizer_path, job.eod, workers, PrepareError):
+        w.add(batch, encoded)
         if on_progress is not None:
             on_progress(counter[0], w.tokens + w.train.tokens + w.eval.tokens, state.documents)
     w.checkpoint(final=True)
@@ -302,70 +289,6 @@ def write_shards(
     summary = _summary_from_index(job.out, index, time.monotonic() - t0)
     summary.resumed_shards = resumed
     return summary
-
-
-def _tokenised(
-    stream: Iterator[Record | BadRecord], tok_path: Path, workers: int
-) -> Iterator[tuple[Record | BadRecord, np.ndarray]]:
-    """``(record, ids)`` in stream order; ids tokenised in batches by ``workers`` processes
-    (in this process when 0), at most two batches per worker in flight."""
-    empty = np.zeros(0, dtype=np.int64)
-    batches = _batches(stream)
-    if workers <= 0:
-        from fedtrain.data.tokenizer import load_tokenizer
-
-        tok = load_tokenizer(tok_path)
-        for batch in batches:
-            ids = iter(encode_texts(tok, [r.text for r in batch if isinstance(r, Record)]))
-            for r in batch:
-                yield r, (next(ids) if isinstance(r, Record) else empty)
-        return
-    import multiprocessing as mp
-    from concurrent.futures import ProcessPoolExecutor
-    from concurrent.futures.process import BrokenProcessPool
-
-    ctx = mp.get_context("spawn")
-    pool = ProcessPoolExecutor(
-        workers, mp_context=ctx, initializer=_init_worker, initargs=(str(tok_path),)
-    )
-    try:
-        pending: deque[tuple[list[Record | BadRecord], Any]] = deque()
-        for batch in batches:
-            texts = [r.text for r in batch if isinstance(r, Record)]
-            pending.append((batch, pool.submit(_encode_batch, texts)))
-            if len(pending) >= 2 * workers:
-                yield from _drain(pending.popleft(), empty)
-        while pending:
-            yield from _drain(pending.popleft(), empty)
-    except BrokenProcessPool:
-        raise PrepareError(
-            "a tokenising worker died (out of memory?); finished shards are kept: run the "
-            "same command again to continue, perhaps with fewer --workers"
-        ) from None
-    finally:
-        pool.shutdown(wait=True, cancel_futures=True)
-
-
-def _drain(
-    item: tuple[list[Record | BadRecord], Any], empty: np.ndarray
-) -> Iterator[tuple[Record | BadRecord, np.ndarray]]:
-    batch, result = item
-    ids = iter(result.result())
-    for r in batch:
-        yield r, (next(ids).astype(np.int64) if isinstance(r, Record) else empty)
-
-
-def _batches(stream: Iterator[Record | BadRecord]) -> Iterator[list[Record | BadRecord]]:
-    batch: list[Record | BadRecord] = []
-    size = 0
-    for rec in stream:
-        batch.append(rec)
-        size += len(rec.text) if isinstance(rec, Record) else 0
-        if size >= BATCH_BYTES:
-            yield batch
-            batch, size = [], 0
-    if batch:
-        yield batch
 
 
 def _write_index(job: ShardJob, state: _State, counts: np.ndarray) -> dict[str, Any]:

@@ -52,6 +52,10 @@ def measure_step_time(model: Llama, cfg: Config, steps: int = 3) -> float:
     return times[len(times) // 2]
 
 
+def _stream(cfg: Config, tokens: TokenSource, name: str) -> TokenStream:
+    return TokenStream(tokens, cfg.run.seed, name, cfg.data.order, cfg.train.grad_accum)
+
+
 class InProcessEngine:
     """All silos in one process; virtual time from profiles and payload sizes."""
 
@@ -83,13 +87,7 @@ class InProcessEngine:
         ]
         self.workers = {
             name: SiloWorker(
-                SiloTrainer(
-                    name,
-                    model_factory(),
-                    TokenStream(tokens, cfg.run.seed, name, cfg.data.order, cfg.train.grad_accum),
-                    cfg.train,
-                    total,
-                ),
+                SiloTrainer(name, model_factory(), _stream(cfg, tokens, name), cfg.train, total),
                 run_id=run_id,
                 transport=cfg.transport,
                 seed=cfg.run.seed,
