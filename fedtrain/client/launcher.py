@@ -90,7 +90,7 @@ _SAMPLE_BYTES = 1 << 14
 
 def check_data(url: str) -> int:
     """Check ``--data`` before anything starts: it matches files (path, glob or fsspec URL, as
-    :func:`fedtrain.data.corpus.read_text_documents` reads it) and their first bytes are UTF-8
+    :func:`fedtrain.data.sources.expand_sources` reads it) and their first bytes are UTF-8
     text (jsonl: a first line with a 'text' field), not all empty; or it is a directory made
     by ``fedtrain data prepare`` whose shards are all there, at their sizes. Returns the file
     (shard) count; ValueError (one line) otherwise."""
@@ -104,8 +104,12 @@ def check_data(url: str) -> int:
         except ShardError as e:
             raise ValueError(f"--data {url!r}: {e}") from None
 
+    from fedtrain.data.sources import expand_sources
+
     try:
-        files = fsspec.open_files(url, mode="rb")
+        # A directory: every file of a supported format under it.
+        paths = [f.url for f in expand_sources([url])] if Path(url).is_dir() else url
+        files = fsspec.open_files(paths, mode="rb")
     except (OSError, ValueError, ImportError) as e:
         raise ValueError(f"--data {url!r}: cannot open: {e}") from None
     if not files:

@@ -361,10 +361,9 @@ def test_raw_silo_sources_are_prepared_once_into_the_cache(tmp_path, bpe_file, m
 
 
 def test_simulate_trains_from_prepared_directories_with_their_tokenizer(tmp_path, bpe_file):
-    from tests.conftest import tiny_config_dict
-
     from fedtrain.config import config_from_dict
     from fedtrain.simulation.runner import simulate
+    from tests.conftest import tiny_config_dict
 
     dirs = {}
     for k, name in enumerate(("silo0", "silo1")):
@@ -390,3 +389,51 @@ def test_simulate_trains_from_prepared_directories_with_their_tokenizer(tmp_path
     for silo, got in epochs.items():  # after round 2: 8 steps of 4 windows of 32 tokens
         windows = (len(TokenShards.open(dirs[silo]).train) - 1) // 32
         assert got == pytest.approx(8 * 4 / windows)
+
+
+def test_a_deployed_silo_holds_out_its_prepared_eval_split(tmp_path, bpe_file):
+    from fedtrain.config import config_from_dict
+    from fedtrain.data.prepare import silo_data
+    from tests.conftest import tiny_config_dict
+
+    (tmp_path / "d.jsonl").write_text("".join(json.dumps({"text": t}) + "\n" for t in DOCS[:60]))
+    prep = tmp_path / "prep"
+    prepare_sources(
+        [str(tmp_path / "d.jsonl")],
+        prep,
+        TokenizerChoice(file=bpe_file),
+        workers=0,
+        eval_fraction=0.1,
+        progress=False,
+    )
+    cfg = config_from_dict(tiny_config_dict(run={"eval_batches": 8}))
+    sd = silo_data(cfg, "silo0", bpe_file, str(prep))
+    shards = TokenShards.open(prep)
+    assert _all(sd.tokens) == _all(shards.train)  # all of the training split is trained on
+    ev = _all(shards.eval)
+    for row in sd.heldout.tolist():  # windows of the eval split, never of training text
+        assert any(ev[i : i + len(row)] == row for i in range(len(ev) - len(row) + 1))
+    raw = silo_data(cfg, "silo0", bpe_file, str(tmp_path / "d.jsonl"))  # no eval split: 5% cut
+    whole = _all(open_tokens(str(tmp_path / "d.jsonl"), bpe_file).train)
+    cut = len(whole) - max(len(whole) // 20, 32 + 1)
+    assert _all(raw.tokens) == whole[:cut]
+    assert raw.heldout[-1].tolist() == whole[-33:]
+
+
+def test_client_data_check_takes_prepared_and_raw_directories(tmp_path):
+    from fedtrain.client.launcher import check_data
+
+    srcs, _ = _write_sources(tmp_path / "src", DOCS[:10])
+    assert check_data(str(tmp_path / "src")) == len(srcs)
+    prepare_sources(
+        srcs,
+        tmp_path / "o",
+        TokenizerChoice(byte=True),
+        workers=0,
+        shard_tokens=10_000,
+        progress=False,
+    )
+    assert check_data(str(tmp_path / "o")) == len(TokenShards.open(tmp_path / "o").index["shards"])
+    (tmp_path / "o" / "train-00000.bin").unlink()
+    with pytest.raises(ValueError, match="train-00000.bin is missing"):
+        check_data(str(tmp_path / "o"))
