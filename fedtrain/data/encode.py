@@ -16,6 +16,9 @@ __all__ = ["BATCH_BYTES", "Encoded", "encode_batch", "encode_texts", "tokenised"
 
 BATCH_BYTES = 1 << 20
 """Text per batch sent to a worker."""
+RECORD_COST = 64
+"""What each record adds to a batch's size besides its text (so empty and bad records
+also close batches)."""
 
 Batch = list[Record | BadRecord]
 Encoded = tuple[np.ndarray, np.ndarray]
@@ -119,7 +122,7 @@ def _batches(stream: Iterator[Record | BadRecord]) -> Iterator[Batch]:
     size = 0
     for rec in stream:
         batch.append(rec)
-        size += len(rec.text) if isinstance(rec, Record) else 0
+        size += RECORD_COST + (len(rec.text) if isinstance(rec, Record) else 0)
         if size >= BATCH_BYTES:
             yield batch
             batch, size = [], 0

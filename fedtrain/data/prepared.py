@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from fedtrain.data.shards import TokenShards, file_sha256, is_prepared
+from fedtrain.data.shards import INDEX, TokenShards, file_sha256, is_prepared
 from fedtrain.data.sources import (
     BadRecord,
     Record,
@@ -29,7 +29,7 @@ from fedtrain.data.sources import (
     source_fingerprint,
 )
 from fedtrain.data.tokenizer import ByteTokenizer, eod_id, load_tokenizer, train_bpe
-from fedtrain.data.writer import PrepareError, PrepareSummary, ShardJob, write_shards
+from fedtrain.data.writer import STATE, PrepareError, PrepareSummary, ShardJob, write_shards
 
 __all__ = [
     "TokenizerChoice",
@@ -87,6 +87,11 @@ def _tokenizer_into(
     spec = choice.spec()
     if path.exists() and spec_path.exists() and json.loads(spec_path.read_text()) == spec:
         return path
+    if (out / INDEX).exists() or (out / STATE).exists():
+        raise PrepareError(
+            f"{out} holds a preparation made with another tokenizer choice; run it with that "
+            "one, delete the directory, or choose another --out"
+        )
     tmp = out / ".tokenizer.json.tmp"
     if choice.file is not None:
         load_tokenizer(choice.file)  # a clear error now when it is not a tokenizer

@@ -37,8 +37,13 @@ FORMATS = (".txt", ".jsonl", ".jsonl.gz", ".jsonl.zst", ".parquet")
 """File name endings that are read; anything else under a directory is skipped."""
 
 TXT_PIECE_BYTES = 8 << 20
-"""A .txt file is read in pieces of about this many bytes, cut where a line starts with a
-non-space character (byte-level BPE pre-tokenisation cannot join across such a cut)."""
+"""A .txt file is read in pieces of about this many bytes, cut before a space that precedes a
+letter: the pre-tokenisers of byte-level BPEs (GPT-2's and Llama 3's patterns) and
+SentencePiece's Metaspace start a new pre-token there, so the pieces tokenise as the whole file
+does. Text with no such place (no spaces: Chinese, Japanese) is cut after a line break
+followed by a non-space character; text with neither in :data:`TXT_MAX_PIECES` pieces is cut
+where the bytes reach that size (memory stays bounded; a token there may differ)."""
+TXT_MAX_PIECES = 4
 
 
 class SourceError(CorpusError, ValueError):
@@ -77,6 +82,8 @@ class BadRecord:
     where: str
     """``file:line``."""
     reason: str
+    ends_file: bool = False
+    """True when nothing more is read from this file (it could not be opened or read on)."""
 
     def message(self) -> str:
         return f"{self.where}: {self.reason}"
@@ -158,14 +165,13 @@ def read_records(
                     yield from _parquet_records(i, sf, raw, field, to_skip, counter)
                 else:
                     yield from _file_records(i, sf, _Counting(raw, counter), field, to_skip)
-        except (OSError, EOFError, ValueError) as e:
-            # A file that cannot be opened, or breaks while being read (truncated gzip, ...).
-            yield BadRecord(i, 0, f"{sf.name}:0", f"cannot read: {_short(e)}")
         except Exception as e:
-            if type(e).__module__.startswith(("zstandard", "pyarrow")):
-                yield BadRecord(i, 0, f"{sf.name}:0", f"cannot read: {_short(e)}")
-            else:
+            # A file that cannot be opened, or breaks while being read (truncated gzip, ...).
+            if not isinstance(e, (OSError, EOFError, ValueError)) and not type(
+                e
+            ).__module__.startswith(("zstandard", "pyarrow")):
                 raise
+            yield BadRecord(i, 0, f"{sf.name}:0", f"cannot read: {_short(e)}", ends_file=True)
 
 
 def _short(e: BaseException) -> str:
@@ -185,11 +191,43 @@ def _file_records(
 
             stream = gzip.GzipFile(fileobj=f, mode="rb")  # type: ignore[assignment]
         elif sf.fmt == ".jsonl.zst":
-            import zstandard
-
-            stream = zstandard.ZstdDecompressor().stream_reader(f)  # type: ignore[assignment]
-            stream = io.BufferedReader(stream, 1 << 20)  # type: ignore[arg-type,assignment]
+            stream = io.BufferedReader(_Zstd(f), 1 << 20)  # type: ignore[assignment]
         yield from _jsonl_records(i, sf, stream, field, skip)
+
+
+class _Zstd(io.RawIOBase):
+    """Zstandard frames decompressed one after another; EOFError when the file ends inside a
+    frame (a truncated file), which zstandard's own stream reader passes over in silence."""
+
+    def __init__(self, f: BinaryIO) -> None:
+        import zstandard
+
+        self._f = f
+        self._new = zstandard.ZstdDecompressor().decompressobj
+        self._d = self._new()
+        self._out = b""
+        self._started = False
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, b: Any) -> int:
+        while not self._out:
+            data = self._f.read(1 << 20)
+            if not data:
+                if self._started and not self._d.eof:
+                    raise EOFError("the zstd stream ends inside a frame (truncated file?)")
+                return 0
+            while data:
+                if self._d.eof:
+                    self._d = self._new()
+                self._started = True
+                self._out += self._d.decompress(data)
+                data = self._d.unused_data if self._d.eof else b""
+        n = min(len(b), len(self._out))
+        b[:n] = self._out[:n]
+        self._out = self._out[n:]
+        return n
 
 
 def _jsonl_records(
@@ -223,18 +261,22 @@ def _txt_records(i: int, sf: SourceFile, f: BinaryIO, skip: int) -> Iterator[Rec
     piece = 0
     while True:
         chunk = f.read(TXT_PIECE_BYTES)
+        scanned = max(0, len(pending) - 1)
         try:
             pending += dec.decode(chunk, final=not chunk)
         except UnicodeDecodeError as e:
+            where = f"{sf.name}:{piece + 1}"
             yield BadRecord(
-                i, piece + 1, f"{sf.name}:{piece + 1}", f"bytes that are not UTF-8 ({e.reason})"
+                i, piece + 1, where, f"bytes that are not UTF-8 ({e.reason})", ends_file=True
             )
             return
         if not chunk:
             break
-        cut = _line_cut(pending)
+        cut = _piece_cut(pending, scanned)
         if cut <= 0:
-            continue
+            if len(pending) < TXT_MAX_PIECES * TXT_PIECE_BYTES:
+                continue
+            cut = len(pending)
         piece += 1
         if piece > skip:
             yield Record(i, piece, pending[:cut], False)
@@ -244,17 +286,27 @@ def _txt_records(i: int, sf: SourceFile, f: BinaryIO, skip: int) -> Iterator[Rec
         yield Record(i, piece, pending, True)
 
 
-def _line_cut(text: str) -> int:
-    """The last position after a newline that is followed by a non-space character (0: none)."""
-    pos = len(text) - 1
-    while True:
-        nl = text.rfind("\n", 0, pos)
+def _piece_cut(text: str, lo: int = 0) -> int:
+    """Where to cut ``text`` (see :data:`TXT_PIECE_BYTES`), searching at and after ``lo``; 0
+    when there is no place."""
+    end = len(text) - 1
+    pos = end
+    while pos > lo:  # before a space followed by a letter
+        sp = text.rfind(" ", lo, pos)
+        if sp <= 0:
+            break
+        if text[sp + 1].isalpha():
+            return sp
+        pos = sp
+    pos = end
+    while pos > lo:  # after a line break followed by a non-space character
+        nl = text.rfind("\n", lo, pos)
         if nl < 0:
-            return 0
-        nxt = text[nl + 1] if nl + 1 < len(text) else ""
-        if nxt and not nxt.isspace():
+            break
+        if not text[nl + 1].isspace():
             return nl + 1
         pos = nl
+    return 0
 
 
 def _parquet_records(

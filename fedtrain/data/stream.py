@@ -105,7 +105,10 @@ def eval_windows(tokens: TokenSource, count: int, seq_len: int) -> torch.Tensor:
     n = int(tokens.numel()) - seq_len - 1
     if n < 0:
         raise ValueError(f"eval split has {tokens.numel()} tokens, too few for {seq_len}")
-    starts = torch.linspace(0, n, count).round().to(torch.int64)
+    # float32 is exact below 2**24 (and keeps recorded runs' windows); beyond it, float64 so
+    # no start lands past the end.
+    dtype = torch.float32 if n < 1 << 24 else torch.float64
+    starts = torch.linspace(0, n, count, dtype=dtype).round().to(torch.int64)
     return _windows(tokens, starts, seq_len + 1)
 
 

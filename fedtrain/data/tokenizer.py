@@ -67,7 +67,10 @@ class BPETokenizer:
         return self._tok.encode(text).ids  # type: ignore[attr-defined,no-any-return]
 
     def encode_batch(self, texts: list[str]) -> list[list[int]]:
-        return [e.ids for e in self._tok.encode_batch(texts)]  # type: ignore[attr-defined]
+        """Ids of each text, without the tokenizer's special tokens (a BOS the template adds):
+        pieces of one document are joined, and documents end with their end token."""
+        encs = self._tok.encode_batch(texts, add_special_tokens=False)  # type: ignore[attr-defined]
+        return [e.ids for e in encs]
 
     def decode(self, ids: list[int]) -> str:
         return self._tok.decode(ids)  # type: ignore[attr-defined,no-any-return]
@@ -122,6 +125,8 @@ def load_tokenizer(path: Path) -> Tokenizer:
         text = path.read_text(encoding="utf-8")
     except OSError as e:
         raise ValueError(f"cannot read tokenizer {path}: {e}") from None
+    except UnicodeDecodeError:
+        raise ValueError(f"{path} is not a tokenizer.json (not UTF-8 text)") from None
     if '"type": "byte"' in text[:40]:
         return ByteTokenizer(eod='"eod"' in text[:60])
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")

@@ -12,8 +12,10 @@ timing.
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import os
+import re
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -30,6 +32,9 @@ from fedtrain.storage.rundir import atomic_write_bytes
 __all__ = ["PrepareError", "PrepareSummary", "write_shards"]
 
 STATE = "prepare-state.json"
+COUNTS = "counts.npy"
+_OWN = re.compile(r"^(?:(?:train|eval)-\d{5}\.bin(?:\.part)?|counts-\d{5}\.npy|\..+\.tmp\d+)$")
+"""Files a preparation writes before recording them (removed on resume when not recorded)."""
 KEEP_BAD = 20
 """Bad records named in the summary (all are counted)."""
 
@@ -64,6 +69,8 @@ class _State:
     in_doc: bool = False
     bad_count: int = 0
     bad_first: list[str] = field(default_factory=list)
+    counts: str | None = None
+    """The unigram counts of the recorded training shards (a file written with the state)."""
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -75,6 +82,7 @@ class _State:
             "in_doc": self.in_doc,
             "bad_count": self.bad_count,
             "bad_first": self.bad_first,
+            "counts": self.counts,
         }
 
     @classmethod
@@ -88,6 +96,7 @@ class _State:
             in_doc=bool(d["in_doc"]),
             bad_count=int(d["bad_count"]),
             bad_first=list(d["bad_first"]),
+            counts=d["counts"],
         )
 
 
@@ -162,10 +171,9 @@ class _Writer:
         self.strict = strict
         self.dtype = np.dtype(np.uint16 if job.vocab_size <= 1 << 16 else np.uint32)
         self.stride = round(1 / job.eval_fraction) if job.eval_fraction > 0 else 0
-        counts = job.out / "counts.partial.npy"
         self.counts = (
-            np.load(counts)
-            if state.shards and counts.exists()
+            np.load(job.out / state.counts)
+            if state.counts is not None
             else np.zeros(job.vocab_size, np.int64)
         )
         self.tokens = sum(int(s["tokens"]) for s in state.shards)
@@ -182,9 +190,11 @@ class _Writer:
     def bad(self, rec: BadRecord) -> None:
         if self.strict:
             raise PrepareError(f"bad record {rec.message()} (--strict)")
-        self.state.bad_count += 1
-        if len(self.state.bad_first) < KEEP_BAD:
-            self.state.bad_first.append(rec.message())
+        st = self.state
+        st.bad_count += 1
+        if len(st.bad_first) < KEEP_BAD:
+            st.bad_first.append(rec.message())
+        st.position = (rec.file + 1, 0) if rec.ends_file else (rec.file, rec.line)
 
     def add(self, batch: Batch, encoded: Encoded) -> None:
         """Write one tokenised batch: each record's ids to the train or eval shard of its
@@ -195,6 +205,11 @@ class _Writer:
         target: _Shard | None = None
         for rec in batch:
             if isinstance(rec, BadRecord):
+                if rec.ends_file and st.in_doc:
+                    # The file broke inside its document: the document ends where it broke.
+                    self._write(target, ids[start:pos])
+                    target, start = None, pos
+                    self._end_document()
                 self.bad(rec)
                 continue
             if not st.in_doc:
@@ -214,6 +229,14 @@ class _Writer:
                 target, start = None, pos
         self._write(target, ids[start:pos])
 
+    def _end_document(self) -> None:
+        st = self.state
+        shard = self.eval if self._is_eval(st.documents - 1) else self.train
+        if self.job.eod is not None:
+            self._write(shard, np.array([self.job.eod], np.uint32))
+        shard.documents += 1
+        st.in_doc = False
+
     def _write(self, shard: _Shard | None, ids: np.ndarray) -> None:
         if shard is None or not len(ids):
             return
@@ -232,10 +255,22 @@ class _Writer:
             self.state.shards.append({"file": None, "tokens": 0, "documents": 0, "sha256": None})
         if eval_entry is not None:
             self.state.eval_shards.append(eval_entry)
-        np.save(self.job.out / "counts.partial.npy", self.counts)
+        # The counts go in a file of their own name, written before the state that names it:
+        # a kill anywhere leaves the state and its counts consistent.
+        old = self.state.counts
+        self.state.counts = f"counts-{len(self.state.shards):05d}.npy"
+        _save_npy(self.job.out / self.state.counts, self.counts)
         atomic_write_bytes(self.job.out / STATE, json.dumps(self.state.to_json()).encode())
+        if old is not None and old != self.state.counts:
+            (self.job.out / old).unlink(missing_ok=True)
         if not final:
             self._open()
+
+
+def _save_npy(path: Path, array: np.ndarray) -> None:
+    buf = io.BytesIO()
+    np.save(buf, array)
+    atomic_write_bytes(path, buf.getvalue())
 
 
 def _load_state(job: ShardJob) -> _State:
@@ -245,7 +280,13 @@ def _load_state(job: ShardJob) -> _State:
     path = job.out / STATE
     state = _State(job=fp)
     if path.exists():
-        old = _State.from_json(json.loads(path.read_text()))
+        try:
+            old = _State.from_json(json.loads(path.read_text()))
+        except (ValueError, KeyError, TypeError, IndexError) as e:
+            raise PrepareError(
+                f"{path} is not a preparation state this version can read ({type(e).__name__}: "
+                f"{e}); delete {job.out} and prepare again"
+            ) from None
         if old.job != fp:
             raise PrepareError(
                 f"{job.out} holds an unfinished preparation of other sources or settings; "
@@ -253,10 +294,23 @@ def _load_state(job: ShardJob) -> _State:
             )
         state = old
     keep = {s["file"] for s in [*state.shards, *state.eval_shards] if s["file"]}
-    for p in job.out.iterdir():
-        if p.name.startswith(("train-", "eval-")) and p.name not in keep:
-            p.unlink()
+    if state.counts is not None:
+        keep.add(state.counts)
+    for name in sorted(keep):
+        if not (job.out / name).exists():
+            raise PrepareError(
+                f"{job.out / name} is recorded in {path} but missing; delete {job.out} and "
+                "prepare again"
+            )
+    _remove_leftovers(job.out, keep)
     return state
+
+
+def _remove_leftovers(out: Path, keep: set[str]) -> None:
+    """Remove what a killed preparation wrote and did not record (it is written again)."""
+    for p in out.iterdir():
+        if _OWN.match(p.name) and p.name not in keep:
+            p.unlink()
 
 
 def write_shards(
@@ -292,8 +346,7 @@ def write_shards(
 
 
 def _write_index(job: ShardJob, state: _State, counts: np.ndarray) -> dict[str, Any]:
-    np.save(job.out / "counts.npy", counts)
-    (job.out / "counts.partial.npy").unlink(missing_ok=True)
+    _save_npy(job.out / COUNTS, counts)
     shards = [s for s in state.shards if s["file"]]
     train_tokens = sum(s["tokens"] for s in shards)
     train_docs = sum(s["documents"] for s in shards)
@@ -319,11 +372,14 @@ def _write_index(job: ShardJob, state: _State, counts: np.ndarray) -> dict[str, 
             "shards": state.eval_shards,
         },
         "bad_records": {"count": state.bad_count, "first": state.bad_first},
-        "unigram_counts": "counts.npy",
+        "unigram_counts": COUNTS,
         "job": state.job,
     }
     atomic_write_bytes(job.out / INDEX, (json.dumps(index, indent=1) + "\n").encode())
+    # Only now is the state no longer needed (a kill before this resumes from the state).
     (job.out / STATE).unlink(missing_ok=True)
+    if state.counts is not None:
+        (job.out / state.counts).unlink(missing_ok=True)
     return index
 
 
@@ -333,14 +389,24 @@ def _finished(job: ShardJob) -> PrepareSummary | None:
     path = job.out / INDEX
     if not path.exists():
         return None
-    index = json.loads(path.read_text())
-    if index.get("job") != job.fingerprint():
+    try:
+        index = json.loads(path.read_text())
+    except ValueError as e:
+        raise PrepareError(f"{path} is not valid JSON ({e}); delete {job.out}") from None
+    if not isinstance(index, dict) or index.get("job") != job.fingerprint():
         raise PrepareError(
             f"{job.out} already holds a preparation of other sources or settings; "
             "delete it or choose another --out"
         )
-    summary = _summary_from_index(job.out, index, 0.0)
+    try:
+        summary = _summary_from_index(job.out, index, 0.0)
+    except (KeyError, TypeError) as e:
+        raise PrepareError(f"{path} lacks {e}; delete {job.out} and prepare again") from None
     summary.already_done = True
+    # Killed after the index was written: what only the state needed is removed.
+    recorded = [*index["shards"], *index["eval"]["shards"]]
+    _remove_leftovers(job.out, keep={s["file"] for s in recorded})
+    (job.out / STATE).unlink(missing_ok=True)
     return summary
 
 

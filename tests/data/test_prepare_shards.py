@@ -6,6 +6,7 @@ from __future__ import annotations
 import gzip
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -123,27 +124,84 @@ def test_a_large_txt_file_is_read_in_pieces_with_the_same_tokens(tmp_path, bpe_f
     import fedtrain.data.sources as sources
 
     monkeypatch.setattr(sources, "TXT_PIECE_BYTES", 1000)
-    text = "".join(DOCS[:30])
-    (tmp_path / "big.txt").write_text(text)
-    prepare_sources(
-        [str(tmp_path / "big.txt")],
-        tmp_path / "out",
-        TokenizerChoice(file=bpe_file),
-        workers=0,
-        eval_fraction=0.0,
-        shard_tokens=3_000,
-        progress=False,
+    # Whitespace of every kind around line ends: runs before a newline, blank lines, CRLF.
+    lines = "".join(DOCS[:30]).split("\n")
+    ends = ["\n", "  \n", "\n\n", "\r\n", " \n\n  ", "\n"]
+    text = "".join(line + ends[i % len(ends)] for i, line in enumerate(lines))
+    (tmp_path / "big.txt").write_bytes(text.encode())
+    llama3 = tmp_path / "llama3-like.json"
+    _llama3_like_bpe(DOCS[:30]).save(str(llama3))
+    for name, tok_file in (("gpt2", bpe_file), ("llama3", llama3)):
+        prepare_sources(
+            [str(tmp_path / "big.txt")],
+            tmp_path / name,
+            TokenizerChoice(file=tok_file),
+            workers=0,
+            eval_fraction=0.0,
+            shard_tokens=3_000,
+            progress=False,
+        )
+        shards = TokenShards.open(tmp_path / name)
+        tok = load_tokenizer(tok_file)
+        assert _all(shards.train) == [*tok.encode(text), 0], name
+        assert shards.index["documents"] == 1 and len(shards.index["shards"]) > 1
+
+
+def _llama3_like_bpe(texts: list[str]):
+    """A byte-level BPE with Llama 3's pre-tokenisation pattern (punctuation joins the line
+    breaks after it, digits in threes), unlike GPT-2's."""
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    pattern = (
+        r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}"
+        r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
     )
-    shards = TokenShards.open(tmp_path / "out")
-    tok = load_tokenizer(bpe_file)
-    assert _all(shards.train) == [*tok.encode(text), 0]
-    assert shards.index["documents"] == 1 and len(shards.index["shards"]) > 1
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.Sequence(
+        [
+            pre_tokenizers.Split(Regex(pattern), behavior="isolated"),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+        ]
+    )
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=600,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        special_tokens=["<|end_of_text|>"],
+        show_progress=False,
+    )
+    tok.train_from_iterator(texts, trainer=trainer)
+    return tok
+
+
+def test_txt_without_spaces_or_line_breaks_is_still_read_in_bounded_pieces(tmp_path, monkeypatch):
+    import fedtrain.data.sources as sources
+
+    monkeypatch.setattr(sources, "TXT_PIECE_BYTES", 1000)
+    text = "天地玄黄宇宙洪荒" * 2000  # 16,000 characters, 48,000 bytes, no space, no newline
+    (tmp_path / "zh.txt").write_text(text)
+    recs = list(sources.read_records(sources.expand_sources([str(tmp_path / "zh.txt")])))
+    assert "".join(r.text for r in recs) == text and recs[-1].last
+    assert len(recs) > 3 and max(len(r.text) for r in recs) <= 5 * 1000
+
+
+def test_a_truncated_zstd_file_is_a_bad_record(tmp_path):
+    import zstandard
+
+    from fedtrain.data.sources import BadRecord, expand_sources, read_records
+
+    lines = "".join(json.dumps({"text": t}) + "\n" for t in DOCS[:40]).encode()
+    whole = zstandard.ZstdCompressor().compress(lines)
+    (tmp_path / "cut.jsonl.zst").write_bytes(whole[: len(whole) // 2])
+    recs = list(read_records(expand_sources([str(tmp_path / "cut.jsonl.zst")])))
+    assert isinstance(recs[-1], BadRecord) and recs[-1].ends_file
+    assert "truncated" in recs[-1].reason
 
 
 def test_a_hugging_face_tokenizer_file_with_its_own_end_token(tmp_path):
     """A tokenizer.json of another kind (Unigram + Metaspace, `</s>`, as Llama-style
     checkpoints ship) is used as it is; its `</s>` ends each document."""
-    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+    from tokenizers import Tokenizer, models, pre_tokenizers, processors, trainers
 
     hf = Tokenizer(models.Unigram())
     hf.pre_tokenizer = pre_tokenizers.Metaspace()
@@ -153,6 +211,8 @@ def test_a_hugging_face_tokenizer_file_with_its_own_end_token(tmp_path):
             vocab_size=500, special_tokens=["<unk>", "<s>", "</s>"], unk_token="<unk>"
         ),
     )
+    # Its template puts <s> before every text it encodes: not into the shards.
+    hf.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
     path = tmp_path / "llama-like.json"
     hf.save(str(path))
     src = tmp_path / "d.jsonl"
@@ -177,7 +237,9 @@ def test_a_hugging_face_tokenizer_file_with_its_own_end_token(tmp_path):
     )
     assert out.exit_code == 0, out.output
     shards = TokenShards.open(tmp_path / "o")
-    assert _all(shards.train) == [i for t in DOCS[:20] for i in [*hf.encode(t).ids, 2]]
+    assert hf.encode("x").ids[0] == 1
+    plain = [hf.encode(t, add_special_tokens=False).ids for t in DOCS[:20]]
+    assert _all(shards.train) == [i for ids in plain for i in [*ids, 2]]
     assert (tmp_path / "o" / "tokenizer.json").read_bytes() == path.read_bytes()
 
 
@@ -274,6 +336,88 @@ def test_sigkill_mid_prepare_then_rerun_is_byte_identical(tmp_path, bpe_file):
         assert (out / n).read_bytes() == (tmp_path / "ref" / n).read_bytes(), n
 
 
+class _Killed(BaseException):
+    """Stands for SIGKILL at one file operation (nothing catches it)."""
+
+
+def _files(root: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in sorted(root.iterdir()) if p.name != "verified.json"}
+
+
+def test_killed_at_any_file_operation_a_rerun_ends_byte_identical(tmp_path, bpe_file, monkeypatch):
+    """Every rename and delete the writer makes is a kill point; from each, a rerun ends with
+    the files of an uninterrupted run: counts, trailing bad records and a .txt that breaks
+    inside its document included."""
+    import fedtrain.data.sources as sources
+
+    monkeypatch.setattr(sources, "TXT_PIECE_BYTES", 300)
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "a.jsonl").write_text(
+        "".join(json.dumps({"text": t}) + "\n" for t in DOCS[:6]) + '{"broken\n{"title": 1}\n'
+    )
+    (src / "b.txt").write_bytes("".join(DOCS[6:9]).encode() + b"\xff tail")
+    (src / "c.jsonl").write_text("".join(json.dumps({"text": t}) + "\n" for t in DOCS[9:12]))
+
+    def prepare(out: Path) -> None:
+        prepare_sources(
+            [str(src)],
+            out,
+            TokenizerChoice(file=bpe_file),
+            workers=0,
+            eval_fraction=0.25,
+            shard_tokens=1500,
+            progress=False,
+        )
+
+    prepare(tmp_path / "ref")
+    ref = _files(tmp_path / "ref")
+    idx = json.loads(ref["index.json"])
+    assert idx["bad_records"]["count"] == 3 and idx["documents"] == 10
+    assert len(idx["shards"]) >= 4 and idx["eval"]["documents"] == 2
+    # Documents 2 and 6 (every 4th, from the 3rd) are held out; 6 is b.txt, which ends where
+    # it broke, with its end token; c.jsonl's documents follow in the training split.
+    tok = load_tokenizer(bpe_file)
+    shards = TokenShards.open(tmp_path / "ref")
+    held = _all(shards.eval)
+    first = [*tok.encode(DOCS[2]), 0]
+    assert held[: len(first)] == first and held[-1] == 0 and held.count(0) == 2
+    assert "".join(DOCS[6:9]).startswith(tok.decode(held[len(first) : -1]))
+    tail = [i for t in DOCS[9:12] for i in [*tok.encode(t), 0]]
+    assert _all(shards.train)[-len(tail) :] == tail
+
+    real_replace, real_unlink = os.replace, os.unlink
+
+    def kill_at(real, calls: list[int], k: int):
+        def op(*a, **kw):
+            calls[0] += 1
+            if calls[0] == k:
+                raise _Killed
+            return real(*a, **kw)
+
+        return op
+
+    k = 0
+    while True:
+        k += 1
+        calls = [0]
+        out = tmp_path / f"kill{k}"
+        with monkeypatch.context() as m:
+            m.setattr(os, "replace", kill_at(real_replace, calls, k))
+            m.setattr(os, "unlink", kill_at(real_unlink, calls, k))
+            try:
+                prepare(out)
+                finished = True
+            except _Killed:
+                finished = False
+        if finished:
+            break
+        prepare(out)
+        assert _files(out) == ref, f"killed at file operation {k}"
+        shutil.rmtree(out)
+    assert k > 10
+
+
 def test_a_corrupted_truncated_or_missing_shard_is_refused_by_name(tmp_path):
     (tmp_path / "d.jsonl").write_text("".join(json.dumps({"text": t}) + "\n" for t in DOCS[:40]))
     out = tmp_path / "o"
@@ -317,6 +461,13 @@ def test_other_settings_in_the_same_directory_are_refused(tmp_path):
             eval_fraction=0.2,
             progress=False,
         )
+    before = _files(tmp_path / "o")
+    with pytest.raises(PrepareError, match="another tokenizer choice"):
+        prepare_sources(src, tmp_path / "o", TokenizerChoice(bpe_vocab=300), progress=False)
+    assert _files(tmp_path / "o") == before  # its tokenizer.json untouched
+    (tmp_path / "bin.json").write_bytes(b"\x89PNG\xff\xfe")
+    with pytest.raises(ValueError, match="bin.json is not a tokenizer.json"):
+        load_tokenizer(tmp_path / "bin.json")
 
 
 @pytest.mark.parametrize("order", ["random", "sequential"])
