@@ -11,32 +11,30 @@ timing.
 
 from __future__ import annotations
 
-import hashlib
-import io
 import json
-import os
-import re
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from fedtrain.data.encode import Batch, Encoded, tokenised
+from fedtrain.data.prepstate import (
+    COUNTS,
+    KEEP_BAD,
+    STATE,
+    PrepState,
+    ShardFile,
+    remove_leftovers,
+    save_npy,
+)
 from fedtrain.data.shards import FORMAT, INDEX, file_sha256
 from fedtrain.data.sources import BadRecord, Record
 from fedtrain.storage.rundir import atomic_write_bytes
 
 __all__ = ["PrepareError", "PrepareSummary", "write_shards"]
-
-STATE = "prepare-state.json"
-COUNTS = "counts.npy"
-_OWN = re.compile(r"^(?:(?:train|eval)-\d{5}\.bin(?:\.part)?|counts-\d{5}\.npy|\..+\.tmp\d+)$")
-"""Files a preparation writes before recording them (removed on resume when not recorded)."""
-KEEP_BAD = 20
-"""Bad records named in the summary (all are counted)."""
 
 
 class PrepareError(ValueError):
@@ -56,83 +54,6 @@ class PrepareSummary:
     seconds: float
     resumed_shards: int
     already_done: bool = False
-
-
-@dataclass(slots=True)
-class _State:
-    job: dict[str, Any]
-    shards: list[dict[str, Any]] = field(default_factory=list)
-    eval_shards: list[dict[str, Any]] = field(default_factory=list)
-    position: tuple[int, int] = (0, 0)
-    documents: int = 0
-    """Documents started so far (the eval split is every ``stride``-th)."""
-    in_doc: bool = False
-    bad_count: int = 0
-    bad_first: list[str] = field(default_factory=list)
-    counts: str | None = None
-    """The unigram counts of the recorded training shards (a file written with the state)."""
-
-    def to_json(self) -> dict[str, Any]:
-        return {
-            "job": self.job,
-            "shards": self.shards,
-            "eval_shards": self.eval_shards,
-            "position": list(self.position),
-            "documents": self.documents,
-            "in_doc": self.in_doc,
-            "bad_count": self.bad_count,
-            "bad_first": self.bad_first,
-            "counts": self.counts,
-        }
-
-    @classmethod
-    def from_json(cls, d: dict[str, Any]) -> _State:
-        return cls(
-            job=d["job"],
-            shards=d["shards"],
-            eval_shards=d["eval_shards"],
-            position=(int(d["position"][0]), int(d["position"][1])),
-            documents=int(d["documents"]),
-            in_doc=bool(d["in_doc"]),
-            bad_count=int(d["bad_count"]),
-            bad_first=list(d["bad_first"]),
-            counts=d["counts"],
-        )
-
-
-class _Shard:
-    """One shard file being written: a ``.part`` file, renamed when closed."""
-
-    def __init__(self, path: Path, dtype: np.dtype) -> None:
-        self.path = path
-        self.part = path.with_name(path.name + ".part")
-        self.dtype = dtype
-        self.f = self.part.open("wb")
-        self.sha = hashlib.sha256()
-        self.tokens = 0
-        self.documents = 0
-
-    def write(self, ids: np.ndarray) -> None:
-        data = ids.astype(self.dtype, copy=False).tobytes()
-        self.f.write(data)
-        self.sha.update(data)
-        self.tokens += len(ids)
-
-    def close(self) -> dict[str, Any] | None:
-        """Finish the file; its index entry, or None (and no file) when it holds no tokens."""
-        self.f.flush()
-        os.fsync(self.f.fileno())
-        self.f.close()
-        if self.tokens == 0:
-            self.part.unlink()
-            return None
-        os.replace(self.part, self.path)
-        return {
-            "file": self.path.name,
-            "tokens": self.tokens,
-            "documents": self.documents,
-            "sha256": self.sha.hexdigest(),
-        }
 
 
 # --- the writer ------------------------------------------------------------------------------
@@ -165,7 +86,7 @@ class ShardJob:
 
 
 class _Writer:
-    def __init__(self, job: ShardJob, state: _State, strict: bool) -> None:
+    def __init__(self, job: ShardJob, state: PrepState, strict: bool) -> None:
         self.job = job
         self.state = state
         self.strict = strict
@@ -181,8 +102,8 @@ class _Writer:
 
     def _open(self) -> None:
         n = len(self.state.shards)
-        self.train = _Shard(self.job.out / f"train-{n:05d}.bin", self.dtype)
-        self.eval = _Shard(self.job.out / f"eval-{n:05d}.bin", self.dtype)
+        self.train = ShardFile(self.job.out / f"train-{n:05d}.bin", self.dtype)
+        self.eval = ShardFile(self.job.out / f"eval-{n:05d}.bin", self.dtype)
 
     def _is_eval(self, doc: int) -> bool:
         return self.stride > 0 and doc % self.stride == self.stride // 2
@@ -202,7 +123,7 @@ class _Writer:
         ids, lengths = encoded
         st = self.state
         k = pos = start = 0
-        target: _Shard | None = None
+        target: ShardFile | None = None
         for rec in batch:
             if isinstance(rec, BadRecord):
                 if rec.ends_file and st.in_doc:
@@ -237,7 +158,7 @@ class _Writer:
         shard.documents += 1
         st.in_doc = False
 
-    def _write(self, shard: _Shard | None, ids: np.ndarray) -> None:
+    def _write(self, shard: ShardFile | None, ids: np.ndarray) -> None:
         if shard is None or not len(ids):
             return
         shard.write(ids)
@@ -259,7 +180,7 @@ class _Writer:
         # a kill anywhere leaves the state and its counts consistent.
         old = self.state.counts
         self.state.counts = f"counts-{len(self.state.shards):05d}.npy"
-        _save_npy(self.job.out / self.state.counts, self.counts)
+        save_npy(self.job.out / self.state.counts, self.counts)
         atomic_write_bytes(self.job.out / STATE, json.dumps(self.state.to_json()).encode())
         if old is not None and old != self.state.counts:
             (self.job.out / old).unlink(missing_ok=True)
@@ -267,21 +188,15 @@ class _Writer:
             self._open()
 
 
-def _save_npy(path: Path, array: np.ndarray) -> None:
-    buf = io.BytesIO()
-    np.save(buf, array)
-    atomic_write_bytes(path, buf.getvalue())
-
-
-def _load_state(job: ShardJob) -> _State:
+def _load_state(job: ShardJob) -> PrepState:
     """The recorded progress in ``job.out`` (fresh when there is none); leftovers of a crash
     (unrecorded shard files) are removed so they are written again, identically."""
     fp = job.fingerprint()
     path = job.out / STATE
-    state = _State(job=fp)
+    state = PrepState(job=fp)
     if path.exists():
         try:
-            old = _State.from_json(json.loads(path.read_text()))
+            old = PrepState.from_json(json.loads(path.read_text()))
         except (ValueError, KeyError, TypeError, IndexError) as e:
             raise PrepareError(
                 f"{path} is not a preparation state this version can read ({type(e).__name__}: "
@@ -302,15 +217,8 @@ def _load_state(job: ShardJob) -> _State:
                 f"{job.out / name} is recorded in {path} but missing; delete {job.out} and "
                 "prepare again"
             )
-    _remove_leftovers(job.out, keep)
+    remove_leftovers(job.out, keep)
     return state
-
-
-def _remove_leftovers(out: Path, keep: set[str]) -> None:
-    """Remove what a killed preparation wrote and did not record (it is written again)."""
-    for p in out.iterdir():
-        if _OWN.match(p.name) and p.name not in keep:
-            p.unlink()
 
 
 def write_shards(
@@ -345,8 +253,8 @@ def write_shards(
     return summary
 
 
-def _write_index(job: ShardJob, state: _State, counts: np.ndarray) -> dict[str, Any]:
-    _save_npy(job.out / COUNTS, counts)
+def _write_index(job: ShardJob, state: PrepState, counts: np.ndarray) -> dict[str, Any]:
+    save_npy(job.out / COUNTS, counts)
     shards = [s for s in state.shards if s["file"]]
     train_tokens = sum(s["tokens"] for s in shards)
     train_docs = sum(s["documents"] for s in shards)
@@ -405,7 +313,7 @@ def _finished(job: ShardJob) -> PrepareSummary | None:
     summary.already_done = True
     # Killed after the index was written: what only the state needed is removed.
     recorded = [*index["shards"], *index["eval"]["shards"]]
-    _remove_leftovers(job.out, keep={s["file"] for s in recorded})
+    remove_leftovers(job.out, keep={s["file"] for s in recorded})
     (job.out / STATE).unlink(missing_ok=True)
     return summary
 
