@@ -60,6 +60,10 @@ class Codec(ABC):
     def decode(self, data: bytes | memoryview, numel: int) -> torch.Tensor:
         """1-D fp32 tensor of ``numel`` values from exactly ``encoded_size(numel)`` bytes."""
 
+    def decode_add(self, data: bytes | memoryview, numel: int, out: torch.Tensor) -> None:
+        """``out += decode(data, numel)`` (``out``: ``numel`` fp32 values)."""
+        out.add_(self.decode(data, numel).view_as(out))
+
     def roundtrip(self, flat: torch.Tensor) -> torch.Tensor:
         """``decode(encode(flat))``: what the receiver will see."""
         return self.decode(self.encode(flat), flat.numel())
@@ -180,6 +184,149 @@ class BlockCodec(Codec):
         inv = torch.where(scale > 0, levels / scale, torch.zeros_like(scale))
         q = self._round(x * inv[:, None]).clamp_(-levels, levels)
         return bits, q.view(-1)[: flat.numel()]
+
+    # --- the compiled path (kernels.py): one pass per direction ---------------------------
+
+    @staticmethod
+    def _f32(flat: torch.Tensor) -> np.ndarray:
+        """``flat`` as a contiguous fp32 array (no copy when it already is one)."""
+        return flat.detach().reshape(-1).to(torch.float32).contiguous().numpy()
+
+    def _pad(self, seg: np.ndarray) -> np.ndarray:
+        """``seg`` (the values of a last, partial block) as one zero-padded row."""
+        row = np.zeros((1, self.block_size), dtype=seg.dtype)
+        row[0, : seg.size] = seg
+        return row
+
+    _KINDS = {"int8": (0, 127), "int4": (1, 7), "fp4": (2, 1)}
+
+    def _encode_compiled(self, flat: torch.Tensor, kind: str) -> memoryview | None:
+        """The body of ``flat`` from the compiled kernel (``kind`` "int8", "int4" or "fp4"),
+        or None where the torch path encodes instead: stochastic rounding, a 4-bit codec with
+        an odd block size, a block holding a NaN or an infinity (its stored scale carries it)
+        or one so small that x·inverse would overflow."""
+        from fedtrain.transport.codecs import kernels as k
+
+        code, levels = self._KINDS[kind]
+        b = self.block_size
+        if self.stochastic or (code and b % 2):
+            return None
+        x = self._f32(flat)
+        n = x.size
+        nb, full = self._n_blocks(n), n // b
+        tail = n - full * b
+        buf = np.empty(self.encoded_size(n), dtype=np.uint8)  # every byte is written
+        bits = buf[: 2 * nb].view("<u2")
+        values = buf[2 * nb :]
+        per = b if code == 0 else b // 2
+        vals = values.view(np.int8) if code == 0 else values
+        inv = k.inverse_table(levels)
+        main = x[: full * b].reshape(full, b)
+        codes = vals[: full * per].reshape(full, per)
+        bad = k.rows(
+            k.encode_rows, full, main, main.view(np.uint32), k.Shared(inv), code == 2,
+            bits[:full], codes, code,
+        )  # fmt: skip
+        if tail:
+            row = self._pad(x[full * b :])
+            last = np.empty((1, per), dtype=vals.dtype)
+            bad += k.encode_rows(row, row.view(np.uint32), inv, code == 2, bits[full:], last, code)
+            vals[full * per :] = last[0, : tail if code == 0 else (tail + 1) // 2]
+            if code and tail % 2:
+                values[-1] &= 0x0F  # as pack_nibbles: an odd count's last high nibble is 0
+        return None if bad else buf.data
+
+    def _kernel_decode(
+        self, values: np.ndarray, factor: np.ndarray, target: np.ndarray, add: bool, kind: str
+    ) -> None:
+        """Decode ``values`` (the body's value bytes) times the per-block ``factor`` into
+        ``target`` (=, or += when ``add``): ``kind`` "int8", "int4", "fp4" or "sign1"."""
+        from fedtrain.transport.codecs import kernels as k
+
+        b, n = self.block_size, target.size
+        full, tail = n // b, n - n // b * b
+        out = target[: full * b].reshape(full, b)
+        last = self._pad(target[full * b :]) if add else np.empty((1, b), dtype=np.float32)
+        if kind == "int8":
+            q = values.view(np.int8)
+            k.rows(
+                k.int8_decode_rows, full, q[: full * b].reshape(full, b), factor[:full], out, add
+            )
+            if tail:
+                k.int8_decode_rows(self._pad(q[full * b :]), factor[full:], last, add)
+        elif kind == "sign1":
+            if b % 8:
+                k.sign1_decode_flat(values, b, factor, target, add)
+                return
+            w = b // 8
+            k.rows(
+                k.sign1_decode_rows,
+                full,
+                values[: full * w].reshape(full, w),
+                factor[:full],
+                out,
+                add,
+            )
+            if tail:
+                bits = np.zeros((1, w), dtype=np.uint8)
+                bits[0, : values.size - full * w] = values[full * w :]
+                k.sign1_decode_rows(bits, factor[full:], last, add)
+        else:
+            table = k.INT4_VALUES if kind == "int4" else k.E2M1_SIGNED
+            if b % 2:
+                k.nibbles_decode_flat(values, b, table, factor, target, add)
+                return
+            h = b // 2
+            packed = values[: full * h].reshape(full, h)
+            k.rows(k.nibbles_decode_rows, full, packed, k.Shared(table), factor[:full], out, add)
+            if tail:
+                row = np.zeros((1, h), dtype=np.uint8)
+                row[0, : values.size - full * h] = values[full * h :]
+                k.nibbles_decode_rows(row, table, factor[full:], last, add)
+        if tail:
+            target[full * b :] = last[0, :tail]
+
+    def _decode_prep(
+        self, data: bytes | memoryview, numel: int, out: torch.Tensor | None
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Stored scales (fp32), the value bytes (uint8) and the fp32 array decoded into
+        (``out``'s own memory when given: 1-D, fp32, contiguous, ``numel`` values)."""
+        nb = self._n_blocks(numel)
+        mv = memoryview(data)
+        stored = np.frombuffer(mv[: 2 * nb], dtype="<u2")
+        scale = (stored.astype(np.uint32) << 16).view(np.float32)
+        rest = mv[2 * nb :]
+        if out is None:
+            target = np.empty(numel, dtype=np.float32)
+        else:
+            if out.dtype != torch.float32 or not out.is_contiguous() or out.numel() != numel:
+                raise ValueError(f"decode target must be {numel} contiguous fp32 values")
+            target = out.detach().view(-1).numpy()
+        return scale, np.frombuffer(rest, dtype=np.uint8), target
+
+    _kind = ""
+    """What :meth:`_kernel_decode` decodes: "int8", "int4", "fp4" or "sign1"."""
+
+    def _factor(self, scale: np.ndarray) -> np.ndarray:
+        """Per-block factor the codes' values are multiplied by, from the stored scales."""
+        return scale
+
+    def decode(self, data: bytes | memoryview, numel: int) -> torch.Tensor:
+        return self._decode(data, numel, None)
+
+    def decode_add(self, data: bytes | memoryview, numel: int, out: torch.Tensor) -> None:
+        """``out += decode(data, numel)`` without a decoded temporary (each decoded value is
+        rounded to fp32, then added)."""
+        self._decode(data, numel, out)
+
+    def _decode(
+        self, data: bytes | memoryview, numel: int, out: torch.Tensor | None
+    ) -> torch.Tensor:
+        scale, values, target = self._decode_prep(data, numel, out)
+        with np.errstate(all="ignore"):  # a hostile NaN/inf scale decodes non-finite
+            factor = self._factor(scale)
+        self._kernel_decode(values, factor, target, out is not None, self._kind)
+        return torch.from_numpy(target) if out is None else out
 
     def _round(self, v: torch.Tensor) -> torch.Tensor:
         """Round to integers: nearest, or stochastically (unbiased: E[round(v)] = v)."""

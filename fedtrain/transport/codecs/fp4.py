@@ -13,7 +13,6 @@ from fedtrain.transport.codecs.base import (
     bf16_bits_to_float,
     ceil_to_bf16_bits,
     pack_nibbles,
-    unpack_nibbles,
 )
 
 __all__ = ["E2M1_GRID", "Fp4Codec"]
@@ -31,6 +30,10 @@ class Fp4Codec(BlockCodec):
     bits_per_value = 4.0
 
     def encode(self, flat: torch.Tensor) -> bytes:
+        body = self._encode_compiled(flat, "fp4")
+        return self._encode_torch(flat) if body is None else body  # type: ignore[return-value]
+
+    def _encode_torch(self, flat: torch.Tensor) -> bytes:
         n = flat.numel()
         x = self._blocks(flat)
         bits = ceil_to_bf16_bits(self._absmax(x) / 6.0)  # stored scale s >= a/6
@@ -50,8 +53,4 @@ class Fp4Codec(BlockCodec):
         codes = idx.bitwise_or_((xs < 0).to(torch.uint8).bitwise_left_shift_(3))
         return self._scale_bytes(bits) + pack_nibbles(codes)
 
-    def decode(self, data: bytes | memoryview, numel: int) -> torch.Tensor:
-        scale, rest = self._split(data, numel)
-        codes = unpack_nibbles(rest, numel)
-        signed = torch.cat([E2M1_GRID, -E2M1_GRID])  # code = index | sign << 3
-        return self._scale_(signed[codes.to(torch.int32)], scale)
+    _kind = "fp4"

@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 
 from fedtrain.transport.codecs.base import (
     BlockCodec,
     pack_nibbles,
-    unpack_nibbles,
 )
 
 __all__ = ["Int4Codec"]
@@ -18,10 +18,14 @@ class Int4Codec(BlockCodec):
     bits_per_value = 4.0
 
     def encode(self, flat: torch.Tensor) -> bytes:
+        body = self._encode_compiled(flat, "int4")
+        return self._encode_torch(flat) if body is None else body  # type: ignore[return-value]
+
+    def _encode_torch(self, flat: torch.Tensor) -> bytes:
         bits, q = self._absmax_quantize(flat, 7)
         return self._scale_bytes(bits) + pack_nibbles(q.add_(8))  # codes 1..15; 0 unused
 
-    def decode(self, data: bytes | memoryview, numel: int) -> torch.Tensor:
-        scale, rest = self._split(data, numel)
-        q = unpack_nibbles(rest, numel).to(torch.float32).sub_(8.0)
-        return self._scale_(q, scale / 7.0)
+    _kind = "int4"
+
+    def _factor(self, scale: np.ndarray) -> np.ndarray:
+        return scale / np.float32(7.0)

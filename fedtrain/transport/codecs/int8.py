@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 
 from fedtrain.transport.codecs.base import (
     BlockCodec,
-    readonly_tensor,
 )
 
 __all__ = ["Int8Codec"]
@@ -17,10 +17,14 @@ class Int8Codec(BlockCodec):
     bits_per_value = 8.0
 
     def encode(self, flat: torch.Tensor) -> bytes:
+        body = self._encode_compiled(flat, "int8")
+        return self._encode_torch(flat) if body is None else body  # type: ignore[return-value]
+
+    def _encode_torch(self, flat: torch.Tensor) -> bytes:
         bits, q = self._absmax_quantize(flat, 127)
         return self._scale_bytes(bits) + q.to(torch.int8).numpy().tobytes()
 
-    def decode(self, data: bytes | memoryview, numel: int) -> torch.Tensor:
-        scale, rest = self._split(data, numel)
-        q = readonly_tensor(rest, torch.int8, numel).to(torch.float32)
-        return self._scale_(q, scale / 127.0)
+    _kind = "int8"
+
+    def _factor(self, scale: np.ndarray) -> np.ndarray:
+        return scale / np.float32(127.0)
