@@ -223,7 +223,13 @@ def build_run(
 
 
 def _open_store(cfg: Config, run_dir: Path) -> RunStore:
-    store = RunStore(run_dir, url=cfg.storage.url, keep=cfg.storage.keep_checkpoints)
+    store = RunStore(
+        run_dir,
+        url=cfg.storage.url,
+        keep=cfg.storage.keep_checkpoints,
+        keep_updates=cfg.storage.keep_updates,
+        keep_weights=cfg.storage.keep_weights,
+    )
     if cfg.storage.cache_bytes:
         store.cache = MetadataCache(store, cfg.storage.cache_bytes)
     return store

@@ -50,6 +50,13 @@ class StorageSection:
     """In simulation, also store every silo's state every N rounds (resume restarts there)."""
     keep_checkpoints: int = 2
     """How many committed rounds keep their full state (older state blobs are deleted)."""
+    keep_updates: int = 2
+    """Rounds (the newest) for which every silo's update payload and the aggregate are kept
+    (the metadata cache's workloads read them); older ones are deleted after the commit that
+    stops referencing them. 0 keeps none."""
+    keep_weights: int = 0
+    """Also keep the global weights of every k-th round (0: only those of the kept rounds and
+    checkpoints; the initial weights are always kept)."""
     cache_bytes: int = 256 << 20
     """Byte budget of the in-memory cache of recent rounds (0 = no cache)."""
 
@@ -70,6 +77,14 @@ class StorageSection:
             self.checkpoint_every,
         )
         _check(self.cache_bytes >= 0, "storage.cache_bytes", "an integer >= 0", self.cache_bytes)
+        for key in ("keep_updates", "keep_weights"):
+            value = getattr(self, key)
+            _check(
+                isinstance(value, int) and value >= 0,
+                f"storage.{key}",
+                "an integer >= 0",
+                value,
+            )
         _check(
             self.keep_checkpoints >= 1,
             "storage.keep_checkpoints",

@@ -117,7 +117,10 @@ class MetadataCache:
         def load() -> dict[str, torch.Tensor]:
             rows = self.store.index.updates(rnd, silo)
             if not rows or not rows[0]["blob"]:
-                raise KeyError(f"no stored update from {silo} in round {rnd}")
+                raise KeyError(
+                    f"no stored update from {silo} in round {rnd} (updates are kept for the "
+                    "last storage.keep_updates rounds)"
+                )
             return decode_payload(self.store.blobs.get(rows[0]["blob"])).tensors
 
         return self._get(("update", rnd, silo), load)

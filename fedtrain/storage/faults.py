@@ -18,6 +18,7 @@ PHASES = (
     "blob_tmp_written",  # inside a blob write: temp file written, not yet renamed
     "state_written",  # every blob of the new state is written, round not yet committed
     "committed",  # the index says committed; metrics.jsonl not yet appended
+    "pruned_index",  # old rounds no longer reference their blobs; the blobs not yet deleted
     "published",  # metrics.jsonl appended, old checkpoints pruned
 )
 

@@ -133,6 +133,41 @@ class RunIndex:
             for table in ("rounds", "updates", "metrics"):
                 self.db.execute(f"DELETE FROM {table} WHERE round > ?", (rnd,))
 
+    def retain(self, states: dict[int, dict[str, Any]], updates_before: int) -> list[str]:
+        """In one transaction: replace the state of the rounds in ``states`` and forget the
+        update blobs of every round before ``updates_before`` (their rows, bytes and validity
+        stay). The update blob ids forgotten."""
+        with self.db:
+            self.db.execute("BEGIN IMMEDIATE")
+            dropped = [
+                r[0]
+                for r in self.db.execute(
+                    "SELECT DISTINCT blob FROM updates WHERE round < ? AND blob IS NOT NULL",
+                    (updates_before,),
+                ).fetchall()
+            ]
+            self.db.execute(
+                "UPDATE updates SET blob = NULL WHERE round < ? AND blob IS NOT NULL",
+                (updates_before,),
+            )
+            for rnd, state in states.items():
+                self.db.execute(
+                    "UPDATE rounds SET state = ? WHERE round = ?", (json.dumps(state), rnd)
+                )
+        return dropped
+
+    def update_blobs_before(self, rnd: int) -> bool:
+        """Whether a round before ``rnd`` still references an update blob."""
+        row = self.db.execute(
+            "SELECT 1 FROM updates WHERE round < ? AND blob IS NOT NULL LIMIT 1", (rnd,)
+        ).fetchone()
+        return row is not None
+
+    def update_blobs(self) -> set[str]:
+        """Every update blob the index still references."""
+        rows = self.db.execute("SELECT DISTINCT blob FROM updates WHERE blob IS NOT NULL")
+        return {r[0] for r in rows.fetchall()}
+
     # --------------------------------------------------------------- updates
     def record_update(
         self,

@@ -7,7 +7,10 @@ Commit protocol for round r (phases named for crash tests, see :mod:`faults`):
    the broadcast payload, and (every ``checkpoint_every`` rounds in simulation) every silo's
    state are blobs;
 4. ``committed`` — ONE transaction marks r committed with the blob ids and metrics;
-5. ``published`` — metrics.jsonl is appended and old checkpoints are pruned.
+5. ``published`` — metrics.jsonl is appended and old rounds are pruned: in one index
+   transaction (``pruned_index``) they stop referencing what retention does not keep, and only
+   then are those blobs deleted (a crash in between leaves unreferenced blobs, never a
+   reference to a missing one).
 A crash anywhere loses at most round r; resume starts from the newest committed round whose
 blobs all verify, marking corrupt ones in the index and falling back to an older checkpoint.
 """
@@ -47,13 +50,8 @@ class StoredState:
     """Blob ids and JSON facts as committed."""
 
 
-# Kept for every committed round (queries, contribution, debugging); the rest of a round's
-# state only for the last ``keep`` rounds and the newest resumable one.
-_KEEP_ALWAYS = ("global_blob", "aggregate_blob")
-
-
-def _always(state: dict[str, Any]) -> dict[str, Any]:
-    return {k: v for k, v in state.items() if k in _KEEP_ALWAYS}
+_STATE_BLOBS = ("silos", "engine")
+"""State keys holding blob ids besides the ``*_blob`` ones."""
 
 
 def _blob_ids(state: dict[str, Any]) -> set[str]:
@@ -78,6 +76,8 @@ class RunStore:
         *,
         url: str = "",
         keep: int = 2,
+        keep_updates: int = 2,
+        keep_weights: int = 0,
         fs: fsspec.AbstractFileSystem | None = None,
         kill: KillSwitch | None = None,
     ) -> None:
@@ -90,6 +90,8 @@ class RunStore:
         )
         self.index = RunIndex(run_dir / "index.sqlite")
         self.keep = keep
+        self.keep_updates = keep_updates
+        self.keep_weights = keep_weights
         self.cache: Any = None
         """A :class:`~fedtrain.storage.cache.MetadataCache` to prefetch into on commit."""
 
@@ -167,33 +169,59 @@ class RunStore:
         self.kill.check("published")
 
     def _prune(self) -> None:
-        """Keep full state for the last ``keep`` rounds and the newest resumable one; for older
-        rounds keep only the global weights and aggregate (queries and contribution need them).
-        """
+        """Retention (``storage.keep_*``), applied after each commit:
+
+        - full state for the last ``keep`` rounds and the newest resumable one;
+        - each silo's update and the aggregate for the last ``keep_updates`` rounds, and the
+          global weights for those and the round before them (what the metadata cache's
+          workloads read: contribution of round r starts from the weights of r − 1);
+        - the global weights of every ``keep_weights``-th round;
+        - of every other round, its facts (metrics, bytes, validity) and no blobs.
+
+        Disk use is then bounded by the model, whatever the number of rounds."""
         committed = self.index.committed_rounds()
+        if not committed:
+            return
         states = {r: self.index.round_state(r) for r in committed}
         live = [r for r in committed if not states[r].get("pruned")]
-        keep = set(live[-self.keep :])
+        full = set(live[-self.keep :])
         resumable = [r for r in live if "silos" in states[r]]
         if resumable:
-            keep.add(resumable[-1])
-        referenced: set[str] = set()
-        for r, st in states.items():
-            referenced |= _blob_ids(st) if r in keep else _blob_ids(_always(st))
-        for r in live:
-            if r in keep:
+            full.add(resumable[-1])
+        recent = committed[-self.keep_updates :] if self.keep_updates else []
+        first = recent[0] if recent else committed[-1] + 1
+        changed: dict[int, dict[str, Any]] = {}
+        for r in committed:
+            if r in full:
                 continue
-            for blob in _blob_ids(states[r]) - referenced:
-                self.blobs.delete(blob)
+            allowed = set()
+            if r >= first:
+                allowed.add("aggregate_blob")
+            if r >= first - 1 or (self.keep_weights and r % self.keep_weights == 0):
+                allowed.add("global_blob")
             slim = {
                 k: v
                 for k, v in states[r].items()
-                if k in _KEEP_ALWAYS or not (k.endswith("_blob") or k == "silos")
+                if k in allowed or not (k.endswith("_blob") or k in _STATE_BLOBS)
             }
-            self.index.db.execute(
-                "UPDATE rounds SET state = ? WHERE round = ?",
-                (json.dumps({**slim, "pruned": True}), r),
-            )
+            slim["pruned"] = True
+            if slim != states[r]:
+                changed[r] = slim
+        if not changed and not self.index.update_blobs_before(first):
+            return
+        gone: set[str] = set()
+        for r in changed:
+            gone |= _blob_ids(states[r])
+        gone.update(self.index.retain(changed, updates_before=first))
+        self.kill.check("pruned_index")
+        referenced = self.index.update_blobs()
+        for r in committed:
+            referenced |= _blob_ids(changed.get(r, states[r]))
+        initial = self.index.get_meta("initial_global_blob")
+        if isinstance(initial, str):
+            referenced.add(initial)
+        for blob in sorted(gone - referenced):  # content-addressed: shared ids stay
+            self.blobs.delete(blob)
 
     # ---------------------------------------------------------------- resume
     def latest_state(self, require_silos: bool) -> StoredState:

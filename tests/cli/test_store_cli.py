@@ -68,9 +68,12 @@ def test_query_workloads(run_dir, tmp_path):
     sim = json.loads(_cli("store", "query", str(run_dir), "similarity", "--json").stdout)
     assert set(sim) == {"silo0", "silo1", "silo2"} and all(0 < v <= 1 for v in sim.values())
     anomalies = json.loads(
-        _cli("store", "query", str(run_dir), "anomalies", "-r", "1", "--json").stdout
+        _cli("store", "query", str(run_dir), "anomalies", "-r", "2", "--json").stdout
     )
     assert set(anomalies["silos"]) == set(sim) and "flagged" in anomalies
+    # Round 1's updates left the retention window (storage.keep_updates = 2 of 3 rounds).
+    gone = _cli("store", "query", str(run_dir), "anomalies", "-r", "1", "--json")
+    assert gone.returncode == 2 and "keep_updates" in gone.stderr, gone.stderr
     loo = json.loads(
         _cli("store", "query", str(run_dir), "contribution", "--method", "loo", "--json").stdout
     )

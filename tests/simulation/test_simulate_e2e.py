@@ -108,10 +108,12 @@ def test_final_weights_match_the_last_committed_state(run_dir):
     committed, _ = store.get_tensors(store.index.round_state(4)["global_blob"])
     assert final.keys() == committed.keys()
     assert all((final[k] == committed[k]).all() for k in final)
-    # keep_checkpoints = 2: older rounds keep their metrics but not their state blobs.
-    old, recent = store.index.round_state(1), store.index.round_state(3)
+    # keep_checkpoints = 2: older rounds keep their metrics but not their state blobs;
+    # keep_updates = 2: the weights stay for the window (3, 4) and the round before it.
+    old, before, recent = (store.index.round_state(r) for r in (1, 2, 3))
     assert old.get("pruned") and "outer_blob" not in old and "outer_blob" in recent
-    assert store.blobs.exists(old["global_blob"])  # weights of every round stay queryable
+    assert "global_blob" not in old and store.blobs.exists(before["global_blob"])
+    assert "aggregate_blob" not in before and store.blobs.exists(recent["aggregate_blob"])
 
 
 def test_ddp_baseline_spends_the_same_tokens_with_far_more_bytes(tmp_path):
