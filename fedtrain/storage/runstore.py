@@ -251,3 +251,23 @@ class RunStore:
         tmp = f"{self.blobs.root}/tmp"
         for leftover in self.blobs.fs.ls(tmp, detail=False):
             self.blobs.fs.rm(leftover)
+        self.sweep()
+
+    def sweep(self) -> int:
+        """Delete every stored blob nothing references (what a crash left: the blobs of a round
+        that never committed, or of retention killed between its index transaction and the
+        deletes); the number deleted. Run at resume, before anything new is written."""
+        referenced = self.index.update_blobs()
+        for rnd in self.index.committed_rounds():
+            referenced |= _blob_ids(self.index.round_state(rnd))
+        initial = self.index.get_meta("initial_global_blob")
+        if isinstance(initial, str):
+            referenced.add(initial)
+        root, fs = self.blobs.root, self.blobs.fs
+        stored = [p for p in fs.find(root) if not p.startswith(f"{root}/tmp/")]
+        orphans = sorted({p.rsplit("/", 1)[-1] for p in stored} - referenced)
+        for blob in orphans:
+            self.blobs.delete(blob)
+        if orphans:
+            self.event("blobs_swept", count=len(orphans))
+        return len(orphans)

@@ -93,3 +93,16 @@ def test_a_blob_shared_with_a_kept_round_stays(tmp_path):
     assert row["blob"] is not None
     assert store.blobs.get(row["blob"])  # not deleted with round 1-3's copies
     assert store.index.updates(2, "silo0")[0]["blob"] is None
+
+
+def test_resume_sweeps_what_a_crash_left_unreferenced(tmp_path):
+    store = RunStore(tmp_path / "run", keep=1, keep_updates=1)
+    for rnd in range(1, 4):
+        _round(store, rnd)
+    before = set(_blobs(store))
+    orphan = store.put_tensors(_tensors(99))  # a round that never committed wrote this
+    store.start_round(4)
+    store.store_update(4, "silo0", b"uncommitted", valid=True, reason=None, codec="x", weight=1)
+    store.rewind_to(3)
+    assert set(_blobs(store)) == before and not store.blobs.exists(orphan)
+    assert store.sweep() == 0

@@ -135,3 +135,45 @@ def test_any_body_decodes_as_the_reference_decodes_it(
     body = np.random.default_rng(seed).integers(0, 256, size, dtype=np.uint8).tobytes()
     got, want = ours.decode(body, numel), PAIRS[name](block_size=block).decode(body, numel)
     assert torch.equal(_bits(got), _bits(want))
+
+
+def _on_bf16_midpoints(x: torch.Tensor, b: int) -> torch.Tensor:
+    """``x`` with each block scaled so its mean |x| sits on a bf16 rounding midpoint: there a
+    sum taken in another order rounds to another stored scale."""
+    x = x.clone()
+    for lo in range(0, x.numel(), b):
+        block = x[lo : lo + b]
+        m = (block.abs().sum() / block.numel()).item()
+        bits = np.array([m], np.float32).view(np.uint32)[0]
+        mid = float(np.uint32((bits & 0xFFFF0000) | 0x8000).view(np.float32))
+        block.mul_(mid / m)
+    return x
+
+
+@pytest.mark.parametrize("blocks", [1, 2, 3, 4])
+def test_sign1_scales_of_long_blocks_equal_the_reference_with_threads(blocks: int) -> None:
+    """torch sums one long row over threads but each row of a many-row sum on its own: with
+    two threads and 65,536-value blocks, the sums (hence the bf16 scales) must still be the
+    reference's, the padded last block's included."""
+    b = 1 << 16
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        for seed in range(8):
+            n = blocks * b - (5000 if seed % 2 else 0)
+            x = _on_bf16_midpoints(torch.randn(n, generator=torch.Generator().manual_seed(seed)), b)
+            ours, theirs = get_codec("sign1", block_size=b), ref.Sign1Codec(block_size=b)
+            assert bytes(ours.encode(x)) == theirs.encode(x), (blocks, seed)
+    finally:
+        torch.set_num_threads(before)
+
+
+def test_a_body_of_the_wrong_length_is_refused() -> None:
+    for name in PAIRS:
+        c = get_codec(name, block_size=3)
+        size = c.encoded_size(100)
+        for wrong in (0, size - 1, size + 1):
+            with pytest.raises(ValueError, match="do not hold 100 values"):
+                c.decode(bytes(wrong), 100)
+    with pytest.raises(ValueError, match="require grad"):
+        c.decode_add(c.encode(torch.randn(100)), 100, torch.zeros(100, requires_grad=True))

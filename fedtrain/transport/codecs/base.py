@@ -292,7 +292,12 @@ class BlockCodec(Codec):
         """Stored scales (fp32), the value bytes (uint8) and the fp32 array decoded into
         (``out``'s own memory when given: 1-D, fp32, contiguous, ``numel`` values)."""
         nb = self._n_blocks(numel)
-        mv = memoryview(data)
+        mv = memoryview(data).cast("B")
+        if len(mv) != self.encoded_size(numel):
+            raise ValueError(
+                f"{self.name}: {len(mv)} bytes do not hold {numel} values "
+                f"({self.encoded_size(numel)} expected)"
+            )
         stored = np.frombuffer(mv[: 2 * nb], dtype="<u2")
         scale = (stored.astype(np.uint32) << 16).view(np.float32)
         rest = mv[2 * nb :]
@@ -301,6 +306,8 @@ class BlockCodec(Codec):
         else:
             if out.dtype != torch.float32 or not out.is_contiguous() or out.numel() != numel:
                 raise ValueError(f"decode target must be {numel} contiguous fp32 values")
+            if out.requires_grad:
+                raise ValueError("decode target must not require grad (it is written in place)")
             target = out.detach().view(-1).numpy()
         return scale, np.frombuffer(rest, dtype=np.uint8), target
 

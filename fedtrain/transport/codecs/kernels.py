@@ -66,8 +66,21 @@ def inverse_table(levels: int) -> np.ndarray:
     return table
 
 
-_jit = njit(cache=True, nogil=True, boundscheck=False)
-_inline = njit(cache=True, nogil=True, boundscheck=False, inline="always")
+def _compiled(**options: Any) -> Callable[[Callable[..., Any]], Any]:
+    """``njit`` with its machine code cached on disk, or compiled in each process where numba
+    finds no writable cache location (a read-only install without ``NUMBA_CACHE_DIR``)."""
+
+    def wrap(fn: Callable[..., Any]) -> Any:
+        try:
+            return njit(cache=True, nogil=True, boundscheck=False, **options)(fn)
+        except RuntimeError:  # "cannot cache function ...: no locator available"
+            return njit(cache=False, nogil=True, boundscheck=False, **options)(fn)
+
+    return wrap
+
+
+_jit = _compiled()
+_inline = _compiled(inline="always")
 
 _threads = 1
 _pool: ThreadPoolExecutor | None = None

@@ -33,24 +33,40 @@ class Sign1Codec(BlockCodec):
     """Blocks whose ℓ1 norms are taken at once (a small |x| temporary, reused)."""
 
     def _scale_bits(self, x: torch.Tensor) -> torch.Tensor:
-        """bf16 bits of each block's mean |x| (the mean over its real values), nearest."""
+        """bf16 bits of each block's mean |x| (the mean over its real values), nearest.
+
+        The sums must be the reference's: one ``(blocks, b)`` sum, each row summed on its own.
+        torch splits a single-row sum of a long row over threads (another order), so with two
+        or more blocks every sum here covers at least two rows; the padded last block is summed
+        with the full row before it."""
         n, b = x.numel(), self.block_size
         nb = self._n_blocks(n)
         full = n // b
         sums = torch.empty(nb, dtype=torch.float32)
         rows = x[: full * b].view(full, b)
-        tmp = torch.empty(min(self._ROWS, max(full, 1)), b)
-        for r in range(0, full, self._ROWS):
-            part = rows[r : r + self._ROWS]
-            t = tmp[: part.shape[0]]
-            torch.abs(part, out=t)
-            torch.sum(t, dim=1, out=sums[r : r + part.shape[0]])
+        tail = n - full * b
+        # Rows [0, main) in chunks; rows [main, full) and the tail in one last group.
+        main = full - (1 if tail and full else 0)
+        if main == 1 and nb > 1:
+            main = 0
+        tmp = torch.empty(min(self._ROWS + 1, max(main, 1)), b, dtype=torch.float32)
+        r = 0
+        while r < main:
+            e = min(r + self._ROWS, main)
+            if main - e == 1:
+                e = main  # never leave a chunk of one row
+            t = tmp[: e - r] if e - r <= tmp.shape[0] else torch.empty(e - r, b)
+            torch.abs(rows[r:e], out=t)
+            torch.sum(t, dim=1, out=sums[r:e])
+            r = e
         counts = torch.full((nb,), float(b))
-        if nb > full:  # the padded last block: summed padded, as a full row
-            last = torch.zeros(1, b)
-            last[0, : n - full * b] = x[full * b :]
-            sums[full:] = last.abs().sum(dim=1)
-            counts[-1] = float(n - full * b)
+        if main < nb:
+            group = torch.zeros(nb - main, b, dtype=torch.float32)
+            group[: full - main] = rows[main:]
+            if tail:
+                group[-1, :tail] = x[full * b :]
+                counts[-1] = float(tail)
+            sums[main:] = group.abs().sum(dim=1)
         mean_abs = sums / counts
         # Nearest bf16 (not ceil): contraction holds for any stored scale m̃ <= 2·m.
         return mean_abs.to(torch.bfloat16).view(torch.int16).to(torch.int32) & 0xFFFF
