@@ -82,6 +82,10 @@ class BlobStore:
             raise BlobCorrupted(f"blob {blob_id[:16]}… is corrupted (checksum mismatch)")
         return bytes(data)
 
+    def size(self, blob_id: str) -> int:
+        """Bytes of a stored blob (without reading it)."""
+        return int(self.fs.size(self.path(blob_id)))
+
     def exists(self, blob_id: str) -> bool:
         return bool(self.fs.exists(self.path(blob_id)))
 

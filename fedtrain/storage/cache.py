@@ -44,6 +44,15 @@ def _nbytes(tensors: dict[str, torch.Tensor]) -> int:
     return sum(t.numel() * t.element_size() for t in tensors.values())
 
 
+def _f64(t: torch.Tensor) -> torch.Tensor:
+    return t.reshape(-1).double()
+
+
+def _norm(tensors: dict[str, torch.Tensor]) -> float:
+    """ℓ2 norm over every tensor, accumulated in float64 (no flattened copy)."""
+    return sum(float(t.double().square().sum()) for t in tensors.values()) ** 0.5
+
+
 def flatten(tensors: dict[str, torch.Tensor]) -> torch.Tensor:
     return torch.cat([tensors[n].reshape(-1).float() for n in sorted(tensors)])
 
@@ -71,6 +80,8 @@ class MetadataCache:
         size = _nbytes(value)
         if key in self._lru:
             self._drop(key)
+        if size > self.budget:  # cannot fit: not kept (reads fall back to the store)
+            return
         if pin:
             self.pinned.add(key)
         self._lru[key] = value
@@ -160,23 +171,29 @@ class MetadataCache:
             self.pinned.discard(key)
         for key in [k for k in self._lru if k[1] <= rnd - self.keep_rounds]:
             self._drop(key)
-        agg = self.store.get_tensors(self.store.index.round_state(rnd)["aggregate_blob"])[0]
+        state = self.store.index.round_state(rnd)
+        agg = self.store.get_tensors(state["aggregate_blob"])[0]
         self._insert(("aggregate", rnd, ""), agg, pin=True)
-        weights = self.store.get_tensors(self.store.index.round_state(rnd)["global_blob"])[0]
-        self._insert(("global", rnd, ""), weights, pin=True)
-        agg_flat = flatten(agg)
+        if self.store.blobs.size(state["global_blob"]) <= self.budget:  # else not built
+            weights = self.store.get_tensors(state["global_blob"])[0]
+            self._insert(("global", rnd, ""), weights, pin=True)
+            del weights
+        agg_norm = _norm(agg)
         for row in self.store.index.updates(rnd):
             if not row["valid"] or not row["blob"]:
                 continue
             upd = decode_payload(self.store.blobs.get(row["blob"])).tensors
             self._insert(("update", rnd, row["silo"]), upd)
             self.stats.prefetched += 1
-            flat = flatten(upd)
-            if flat.numel() != agg_flat.numel():
+            if {n: t.shape for n, t in upd.items()} != {n: t.shape for n, t in agg.items()}:
                 continue  # not a model-shaped update (e.g. zeroth-order codes)
-            cos = torch.nn.functional.cosine_similarity(flat, agg_flat, dim=0).item()
+            # Tensor by tensor (no flattened copies), accumulated in float64.
+            dot = sum(float(torch.dot(_f64(upd[n]), _f64(agg[n]))) for n in agg)
+            norm = _norm(upd)
+            cos = dot / max(norm * agg_norm, 1e-8)
+            del upd
             self.stats.scalars[(rnd, row["silo"])] = {
-                "norm": flat.norm().item(),
+                "norm": norm,
                 "cosine_to_aggregate": cos,
                 "weight": float(row["weight"] or 0.0),
                 "bytes": float(row["bytes"]),

@@ -190,3 +190,21 @@ def test_leave_one_out_by_hand():
         "c": 1.0,
         "n": 0.0,
     }
+
+
+def test_what_does_not_fit_the_budget_is_not_built_and_reads_fall_back(store):
+    """A budget below one model (a large model's default): nothing is kept, not even pinned,
+    the per-silo scalars are still recorded, and every workload reads from the store."""
+    one_update = sum(torch.Size(s).numel() * 4 for s in SHAPES.values())
+    cache = MetadataCache(store, budget_bytes=one_update // 2)
+    _populate(store, 2, cache)
+    assert cache.resident_bytes == 0 and cache.stats.peak_bytes == 0 and not cache._lru
+    assert {s for (r, s) in cache.stats.scalars if r == 2} == set(SILOS)
+    big = MetadataCache(store, budget_bytes=64 << 20)
+    big.on_commit(2)
+    for silo in SILOS:
+        got = cache.stats.scalars[(2, silo)]
+        want = big.stats.scalars[(2, silo)]
+        assert got["cosine_to_aggregate"] == pytest.approx(want["cosine_to_aggregate"], abs=1e-12)
+        assert torch.equal(flatten(cache.update(2, silo)), flatten(big.update(2, silo)))
+    assert run_function("similarity", FunctionContext(cache=cache), round=2)
