@@ -229,6 +229,7 @@ def _open_store(cfg: Config, run_dir: Path) -> RunStore:
         keep=cfg.storage.keep_checkpoints,
         keep_updates=cfg.storage.keep_updates,
         keep_weights=cfg.storage.keep_weights,
+        keep_aggregates=cfg.strategy.name == "zo",
     )
     if cfg.storage.cache_bytes:
         store.cache = MetadataCache(store, cfg.storage.cache_bytes)

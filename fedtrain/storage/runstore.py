@@ -78,6 +78,7 @@ class RunStore:
         keep: int = 2,
         keep_updates: int = 2,
         keep_weights: int = 0,
+        keep_aggregates: bool = False,
         fs: fsspec.AbstractFileSystem | None = None,
         kill: KillSwitch | None = None,
     ) -> None:
@@ -92,6 +93,9 @@ class RunStore:
         self.keep = keep
         self.keep_updates = keep_updates
         self.keep_weights = keep_weights
+        self.keep_aggregates = keep_aggregates
+        """Keep every round's aggregate (zeroth-order runs: it is the few-byte code log a late
+        replica replays from the initial weights)."""
         self.cache: Any = None
         """A :class:`~fedtrain.storage.cache.MetadataCache` to prefetch into on commit."""
 
@@ -195,7 +199,7 @@ class RunStore:
             if r in full:
                 continue
             allowed = set()
-            if r >= first:
+            if r >= first or self.keep_aggregates:
                 allowed.add("aggregate_blob")
             if r >= first - 1 or (self.keep_weights and r % self.keep_weights == 0):
                 allowed.add("global_blob")
