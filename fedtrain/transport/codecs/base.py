@@ -22,10 +22,7 @@ __all__ = [
     "bf16_bits_to_float",
     "ceil_to_bf16_bits",
     "readonly_tensor",
-    "pack_bits",
     "pack_nibbles",
-    "unpack_bits",
-    "unpack_nibbles",
 ]
 
 
@@ -104,27 +101,6 @@ def pack_nibbles(q: torch.Tensor) -> bytes:
     return packed.numpy().tobytes()
 
 
-def unpack_nibbles(data: bytes | memoryview, numel: int) -> torch.Tensor:
-    """Inverse of :func:`pack_nibbles` (uint8 codes)."""
-    arr = readonly_tensor(data, torch.uint8, len(data))
-    out = torch.empty(arr.numel() * 2, dtype=torch.uint8)
-    pairs = out.view(-1, 2)
-    torch.bitwise_and(arr, 0x0F, out=pairs[:, 0])
-    torch.bitwise_right_shift(arr, 4, out=pairs[:, 1])
-    return out[:numel]
-
-
-def pack_bits(bits: torch.Tensor) -> bytes:
-    """Pack booleans eight per byte (little bit order)."""
-    return np.packbits(bits.numpy().astype(np.uint8), bitorder="little").tobytes()
-
-
-def unpack_bits(data: bytes | memoryview, numel: int) -> torch.Tensor:
-    """Inverse of :func:`pack_bits`."""
-    arr = np.unpackbits(np.frombuffer(data, dtype=np.uint8), count=numel, bitorder="little")
-    return torch.from_numpy(arr.astype(bool))
-
-
 class BlockCodec(Codec):
     """A codec with one bf16 scale per block followed by packed values."""
 
@@ -151,23 +127,6 @@ class BlockCodec(Codec):
         """Per-row max |x| in one pass (no |x| temporary)."""
         lo, hi = torch.aminmax(x, dim=1)
         return torch.maximum(lo.neg_(), hi)
-
-    def _scale_(self, values: torch.Tensor, per_block: torch.Tensor) -> torch.Tensor:
-        """Multiply flat ``values`` in place by their block's factor (no per-value expansion)."""
-        n, b = values.numel(), self.block_size
-        full = n // b
-        if full:
-            values[: full * b].view(full, b).mul_(per_block[:full, None])
-        if n % b:
-            values[full * b :].mul_(per_block[full])
-        return values
-
-    def _split(self, data: bytes | memoryview, numel: int) -> tuple[torch.Tensor, memoryview]:
-        """Stored scales (fp32, one per block) and the packed value bytes."""
-        nb = self._n_blocks(numel)
-        mv = memoryview(data)
-        bits = torch.from_numpy(np.frombuffer(mv[: 2 * nb], dtype="<u2").astype(np.int32))
-        return bf16_bits_to_float(bits), mv[2 * nb :]
 
     @staticmethod
     def _scale_bytes(bits: torch.Tensor) -> bytes:
