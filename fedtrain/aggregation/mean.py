@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from collections.abc import Mapping
 from typing import Any
 
 import torch
@@ -22,7 +23,7 @@ class Aggregator(ABC):
     @abstractmethod
     def add(
         self,
-        tensors: dict[str, torch.Tensor],
+        tensors: Mapping[str, torch.Tensor],
         weight: float,
         sender: str = "",
         meta: dict[str, Any] | None = None,
@@ -62,12 +63,13 @@ class StreamingMean(Aggregator):
 
     def add(
         self,
-        tensors: dict[str, torch.Tensor],
+        tensors: Mapping[str, torch.Tensor],
         weight: float,
         sender: str = "",
         meta: dict[str, Any] | None = None,
     ) -> None:
-        """Add ``weight * tensors`` (fp32 accumulation)."""
+        """Add ``weight * tensors`` (fp32 accumulation), one tensor at a time (a lazily decoded
+        reply is decoded tensor by tensor, never whole)."""
         check_weight(weight)
         for n, t in tensors.items():
             buf = self._sum.get(n)
@@ -84,7 +86,10 @@ class StreamingMean(Aggregator):
         return sum(t.numel() * t.element_size() for t in self._sum.values())
 
     def mean(self) -> dict[str, torch.Tensor] | None:
-        """Σ w·x / Σ w, or None when nothing with positive weight arrived."""
+        """Σ w·x / Σ w, or None when nothing with positive weight arrived. Divides the sum in
+        place (no second model-sized buffer): call it once, after the last :meth:`add`."""
         if self.total_weight <= 0:
             return None
-        return {n: t / self.total_weight for n, t in self._sum.items()}
+        for t in self._sum.values():
+            t.div_(self.total_weight)
+        return self._sum

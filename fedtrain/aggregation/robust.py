@@ -9,11 +9,13 @@ from __future__ import annotations
 
 import math
 from abc import abstractmethod
+from collections.abc import Mapping
 from typing import Any
 
 import torch
 
 from fedtrain.aggregation.mean import Aggregator, StreamingMean, check_weight
+from fedtrain.transport.payload import LazyTensors
 
 __all__ = ["ClippedMean", "CoordinateMedian", "RobustAggregation", "TrimmedMean"]
 
@@ -29,7 +31,7 @@ class _Held(Aggregator):
 
     def add(
         self,
-        tensors: dict[str, torch.Tensor],
+        tensors: Mapping[str, torch.Tensor],
         weight: float,
         sender: str = "",
         meta: dict[str, Any] | None = None,
@@ -110,7 +112,7 @@ class ClippedMean(StreamingMean):
 
     def add(
         self,
-        tensors: dict[str, torch.Tensor],
+        tensors: Mapping[str, torch.Tensor],
         weight: float,
         sender: str = "",
         meta: dict[str, Any] | None = None,
@@ -118,7 +120,10 @@ class ClippedMean(StreamingMean):
         norm = math.sqrt(sum(float(t.detach().float().pow(2).sum()) for t in tensors.values()))
         if norm > self.clip_norm:
             scale = self.clip_norm / norm
-            tensors = {n: t.detach().float() * scale for n, t in tensors.items()}
+            if isinstance(tensors, LazyTensors):  # stays lazy: scaled as each is decoded
+                tensors = tensors.scaled(scale)
+            else:
+                tensors = {n: t.detach().float() * scale for n, t in tensors.items()}
             self.clipped.append(sender)
         super().add(tensors, weight, sender, meta)
 

@@ -16,6 +16,7 @@ on garbage collection or at interpreter exit; they also exit when the coordinato
 from __future__ import annotations
 
 import time
+from collections.abc import Mapping
 from typing import Any
 
 import torch
@@ -52,7 +53,7 @@ class TreeMean(Aggregator):
 
     def add(
         self,
-        tensors: dict[str, torch.Tensor],
+        tensors: Mapping[str, torch.Tensor],
         weight: float,
         sender: str = "",
         meta: dict[str, Any] | None = None,

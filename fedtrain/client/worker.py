@@ -70,7 +70,7 @@ class SiloWorker:
         self,
         round: int,
         work: Work,
-        downlink: bytes | None,
+        downlink: bytes | bytearray | None,
         on_step: Callable[[int], None] | None = None,
     ) -> WorkResult:
         """One round on the silo: train, merge the previous round's result when it is due
@@ -83,7 +83,7 @@ class SiloWorker:
         return self.work(round, rest, on_step, before=early)
 
     def receive(
-        self, downlink: bytes | None, coordinator_key: Any = None, alpha: float = 0.0
+        self, downlink: bytes | bytearray | None, coordinator_key: Any = None, alpha: float = 0.0
     ) -> None:
         """Apply the last outer update and settle the error-feedback residual.
 
@@ -103,7 +103,7 @@ class SiloWorker:
         if update.kind == "broadcast":
             self._replay(update)
         else:
-            self.trainer.apply_global_update(update.tensors, alpha=alpha)
+            self.trainer.apply_global_update(dict(update.tensors), alpha=alpha)
         self.last_downlink = update
 
     def _replay(self, update: Payload) -> None:
@@ -256,7 +256,7 @@ class SiloWorker:
             signing_key=self.signing_key,
         )
         if feedback is not None:
-            feedback.stage(send, decode_payload(payload).tensors)
+            feedback.stage(send, dict(decode_payload(payload).tensors))
         return payload
 
     def state_tensors(self) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:

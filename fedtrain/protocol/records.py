@@ -5,6 +5,7 @@ passed through untouched, no numpy serialisation). No torch import here."""
 from __future__ import annotations
 
 import json
+from collections.abc import Mapping
 from typing import Any
 
 from flwr.app import Array, ArrayRecord, ConfigRecord, RecordDict
@@ -12,12 +13,13 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, RecordDict
 __all__ = ["from_content", "to_content"]
 
 
-def to_content(header: dict[str, Any], blobs: dict[str, bytes]) -> RecordDict:
+def to_content(header: dict[str, Any], blobs: Mapping[str, bytes | bytearray]) -> RecordDict:
     content = RecordDict({"fedtrain": ConfigRecord({"header": json.dumps(header)})})
     if blobs:
         arrays = ArrayRecord()
         for name, data in blobs.items():
-            arrays[name] = Array(dtype="uint8", shape=(len(data),), stype="raw", data=data)
+            raw = data if isinstance(data, bytes) else bytes(data)
+            arrays[name] = Array(dtype="uint8", shape=(len(raw),), stype="raw", data=raw)
         content["blobs"] = arrays
     return content
 

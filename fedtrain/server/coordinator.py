@@ -21,19 +21,18 @@ import torch
 
 from fedtrain.aggregation.mean import Aggregator
 from fedtrain.config import Config
-from fedtrain.data.stream import derive_seed
 from fedtrain.models.evaluate import evaluate_loss
 from fedtrain.models.llama import Llama
 from fedtrain.protocol.work import Work, work_from_json, work_to_json
 from fedtrain.server.closing import close_condition
 from fedtrain.server.engine import Engine
+from fedtrain.server.outer import coordinator_writer, outer_step_in_parts
+from fedtrain.server.residual import StoredResidual
 from fedtrain.server.round import RoundIntake, RoundLedger, RoundResult
 from fedtrain.server.totals import RunTotals
 from fedtrain.server.validate import UpdateValidator
 from fedtrain.storage.runstore import RunStore, StoredState
 from fedtrain.strategies.base import Strategy
-from fedtrain.transport.feedback import ErrorFeedback
-from fedtrain.transport.payload import decode_payload, encode_payload
 
 __all__ = ["Coordinator", "RunTotals"]
 
@@ -71,7 +70,7 @@ class Coordinator:
         if cfg.transport.sign_updates and set(self.public_keys) != set(engine.silos):
             missing = sorted(set(engine.silos) - set(self.public_keys))
             raise ValueError(f"transport.sign_updates is on but silos {missing} have no key")
-        self.feedback = ErrorFeedback() if cfg.transport.error_feedback else None
+        self.feedback = StoredResidual(store) if cfg.transport.error_feedback else None
         self.validator = UpdateValidator(
             run_id=run_id,
             params=self.params,
@@ -80,7 +79,7 @@ class Coordinator:
             public_keys=self.public_keys if cfg.transport.sign_updates else None,
         )
         self.totals = RunTotals()
-        self._downlink: bytes | None = None
+        self._downlink: bytes | bytearray | None = None
         self._restored = False
         self._aggregate: dict[str, torch.Tensor] = {}
         self._outstanding: dict[str, tuple[int, Work]] = {}
@@ -98,21 +97,11 @@ class Coordinator:
         rnd: int,
         codec: str,
         meta: dict[str, Any] | None = None,
-    ) -> bytes:
-        t = self.cfg.transport
-        gen = torch.Generator().manual_seed(derive_seed(self.cfg.run.seed, "sr", "down", rnd))
-        return encode_payload(
-            tensors,
-            codec=codec,
-            kind=kind,
-            run_id=self.run_id,
-            round=rnd,
-            sender="coordinator",
-            meta=meta,
-            block_size=t.block_size,
-            stochastic=t.stochastic_rounding,
-            generator=gen,
-        )
+    ) -> bytearray:
+        writer = coordinator_writer(self.cfg, self.run_id, tensors, kind, rnd, codec, meta)
+        for n in writer.names:
+            writer.write(n, tensors[n])
+        return writer.finish()
 
     # ------------------------------------------------------------------ resume
     @torch.no_grad()
@@ -124,9 +113,10 @@ class Coordinator:
             p.copy_(weights[n])
         outer, meta = self.store.get_tensors(st["outer_blob"])
         self.strategy.load_state_tensors(outer, meta)
-        if self.feedback is not None and "feedback_blob" in st:
-            residual, _ = self.store.get_tensors(st["feedback_blob"])
-            self.feedback.load_state_dict(residual)
+        if self.feedback is not None and "feedback_blobs" in st:
+            self.feedback.restore(st["feedback_blobs"])
+        elif self.feedback is not None and "feedback_blob" in st:  # committed before per-tensor
+            self.feedback.restore_tensors(self.store.get_tensors(st["feedback_blob"])[0])
         self._downlink = self.store.blobs.get(st["downlink_blob"])
         self._outstanding = {
             s: (int(e[0]), work_from_json(e[1] if len(e) == 2 else e[1:]))
@@ -144,7 +134,7 @@ class Coordinator:
         t, cfg = self.totals, self.cfg
         if not self._restored:
             self._join()
-        downlink: bytes | None = self._downlink
+        downlink: bytes | bytearray | None = self._downlink
         total_steps = cfg.total_inner_steps()
         start, wall0 = time.perf_counter(), t.wall_s
         while t.steps < total_steps and (cfg.run.rounds == 0 or t.rounds < cfg.run.rounds):
@@ -167,8 +157,13 @@ class Coordinator:
         self._downlink = None
 
     def _run_round(
-        self, rnd: int, downlink: bytes | None, total_steps: int, start: float, wall0: float
-    ) -> bytes | None:
+        self,
+        rnd: int,
+        downlink: bytes | bytearray | None,
+        total_steps: int,
+        start: float,
+        wall0: float,
+    ) -> bytes | bytearray | None:
         """Plan, run and commit round ``rnd``; return the next downlink (None: it failed)."""
         t, cfg = self.totals, self.cfg
         self.store.start_round(rnd)
@@ -227,7 +222,9 @@ class Coordinator:
         return downlink
 
     # ------------------------------------------------------------------- round
-    def _round(self, rnd: int, work: dict[str, Work], downlink: bytes | None) -> RoundResult:
+    def _round(
+        self, rnd: int, work: dict[str, Work], downlink: bytes | bytearray | None
+    ) -> RoundResult:
         """Deliver the work, take replies until the round closes, aggregate what counted."""
         timeout = self.cfg.round.timeout_s
         closer = close_condition(self.cfg.round)
@@ -251,13 +248,15 @@ class Coordinator:
         )
         led, closed = intake.led, False
         for reply in self.engine.run_round(rnd, work, downlink, timeout):
-            if intake.take(reply):
+            counted, arrival = intake.take(reply), reply.arrival_s
+            del reply  # folded: its bytes go before the engine brings the next one
+            if counted:
                 if agg.done() or closer.should_close(led.valid, led.seen, expected):
                     closed = True
                     break
             elif closer.should_close(led.valid, led.seen, expected):
                 # The last expected reply was a bad one: the round is complete now.
-                led.last_arrival = max(led.last_arrival, min(reply.arrival_s, timeout))
+                led.last_arrival = max(led.last_arrival, min(arrival, timeout))
                 closed = True
                 break
         duration = led.last_arrival if closed else timeout
@@ -328,7 +327,9 @@ class Coordinator:
                 )
 
     @torch.no_grad()
-    def _outer_step(self, rnd: int, mean: dict[str, torch.Tensor], accepted: list[str]) -> bytes:
+    def _outer_step(
+        self, rnd: int, mean: dict[str, torch.Tensor], accepted: list[str]
+    ) -> bytes | bytearray:
         """Outer step, then replace θ by θ_old + δ̂ (the decoded broadcast update)."""
         codec = self.strategy.broadcast_codec
         if codec is not None:
@@ -345,29 +346,23 @@ class Coordinator:
             self.totals.values_down += sum(v.numel() for v in mean.values())
             self.totals.payload_bytes_down += len(downlink)
             return downlink
-        names = self.strategy.update_names(rnd) or list(self.params)
-        old = {n: self.params[n].detach().clone() for n in names}
-        with torch.enable_grad():
-            self.strategy.step(mean, rnd)
-        delta = {n: self.params[n].detach() - old[n] for n in names}
-        send = self.feedback.compensate(delta) if self.feedback is not None else delta
-        downlink = self._encode(
-            send, "update", rnd, self.cfg.transport.codec, meta={"accepted": accepted}
-        )
-        decoded = decode_payload(downlink).tensors
-        if self.feedback is not None:
-            self.feedback.stage(send, decoded)
-            self.feedback.commit()  # the coordinator's own broadcast always counts
-        for n in names:
-            self.params[n].copy_(old[n] + decoded[n])
-        self.totals.values_down += sum(v.numel() for v in decoded.values())
+        parts = self.strategy.outer_parts(rnd)
+        like = {n: self.params[n] for part in parts for n in part}
+        codec = self.cfg.transport.codec
+        meta = {"accepted": accepted}
+        writer = coordinator_writer(self.cfg, self.run_id, like, "update", rnd, codec, meta)
+        downlink = outer_step_in_parts(self.strategy, self.params, mean, rnd, writer, self.feedback)
+        self.totals.values_down += sum(p.numel() for p in like.values())
         self.totals.payload_bytes_down += len(downlink)
         return downlink
 
-    def _commit(self, rnd: int, row: dict[str, Any], downlink: bytes, last: bool) -> None:
+    def _commit(
+        self, rnd: int, row: dict[str, Any], downlink: bytes | bytearray, last: bool
+    ) -> None:
         """Write the new state's blobs, then mark the round committed in one transaction."""
         store = self.store
-        outer, outer_meta = self.strategy.state_tensors()
+        # The live tensors, streamed to the blobs as they are (no model-sized copies).
+        outer, outer_meta = self.strategy.state_tensors(copy=False)
         state: dict[str, Any] = {
             "run_id": self.run_id,
             "global_blob": store.put_tensors({n: p.detach() for n, p in self.params.items()}),
@@ -378,10 +373,11 @@ class Coordinator:
             "outstanding": {s: [r, work_to_json(w)] for s, (r, w) in self._outstanding.items()},
         }
         if self.feedback is not None:
-            state["feedback_blob"] = store.put_tensors(self.feedback.state_dict())
+            state["feedback_blobs"] = self.feedback.state()  # written during the outer step
         full = last or rnd % self.cfg.storage.checkpoint_every == 0
         state["engine"] = self.engine.save_state(store, full)
         if "silos" in state["engine"]:
             state["silos"] = state["engine"].pop("silos")
             state["engine"]["has_silos"] = True
-        store.commit(rnd, state, row)
+        store.commit(rnd, state, row, aggregate=self._aggregate)
+        self._aggregate = {}  # stored; not held through the next round

@@ -43,18 +43,22 @@ class Engine(Protocol):
     measured_step_time_s: float | None
     """Seconds per inner step measured on this machine (None: not measured, or real silos)."""
 
-    def join(self, weights_payload: bytes) -> int:
+    def join(self, weights_payload: bytes | bytearray) -> int:
         """Send full global weights to every silo; return bytes sent in total."""
         ...
 
     def run_round(
-        self, round: int, work: dict[str, Work], downlink: bytes | None, deadline_s: float
+        self,
+        round: int,
+        work: dict[str, Work],
+        downlink: bytes | bytearray | None,
+        deadline_s: float,
     ) -> Iterator[Reply]:
         """Deliver ``downlink`` (the last outer update) and ``work``; yield replies in arrival
         order, stopping at ``deadline_s`` (late replies may still be yielded, marked by time)."""
         ...
 
-    def finish(self, downlink: bytes | None) -> int:
+    def finish(self, downlink: bytes | bytearray | None) -> int:
         """Deliver the last outer update to every silo; return bytes sent in total."""
         ...
 

@@ -85,12 +85,16 @@ class FlowerEngine(NodeRoster):
         earlier = [v for w, v in st["snapshots"] if w < rnd]
         return int(earlier[-1]) if earlier else None
 
-    def join(self, weights_payload: bytes) -> int:
+    def join(self, weights_payload: bytes | bytearray) -> int:
         # The first round carries full weights to each silo (their version is unknown).
         return len(weights_payload) * len(self.silos)
 
     def run_round(
-        self, round: int, work: dict[str, Work], downlink: bytes | None, deadline_s: float
+        self,
+        round: int,
+        work: dict[str, Work],
+        downlink: bytes | bytearray | None,
+        deadline_s: float,
     ) -> Iterator[Reply]:
         return self._exchange("round", round, work, downlink, deadline_s)
 
@@ -99,7 +103,7 @@ class FlowerEngine(NodeRoster):
         op: str,
         rnd: int,
         work: dict[str, Work] | None,
-        downlink: bytes | None,
+        downlink: bytes | bytearray | None,
         deadline_s: float,
     ) -> Iterator[Reply]:
         targets = list(work) if work is not None else list(self.silos)
@@ -114,18 +118,29 @@ class FlowerEngine(NodeRoster):
         pushed = self.grid.push_messages(list(msgs.values())) if msgs else []
         ids = dict(zip(pushed, msgs, strict=True))
         yield from self._unsent([s for s in targets if s not in msgs])
+        wait = self.poll_s
         try:
             while ids:
                 elapsed = time.monotonic() - start
                 if elapsed > deadline_s:
                     break
-                for mid, header, blobs in self._pull(list(ids)):
-                    silo = ids.pop(mid)
-                    arrival = time.monotonic() - start
-                    yield self._reply(silo, rnd, header, blobs, arrival)
+                waiting = len(ids)
+                # One message at a time: a pulled reply's bytes are released once it is folded,
+                # before the next is pulled (a batch pull would hold every silo's at once).
+                for mid in list(ids):
+                    pulled = self._pull([mid])
+                    if not pulled:
+                        continue
+                    _, header, blobs = pulled.pop()
+                    reply = self._reply(ids.pop(mid), rnd, header, blobs, time.monotonic() - start)
+                    del header, blobs
+                    yield reply
+                    del reply
                 self._absorb_hellos()
                 if ids:
-                    time.sleep(self.poll_s)
+                    # Poll less often while nothing comes (a pull per outstanding silo).
+                    wait = self.poll_s if len(ids) < waiting else min(2 * wait, 1.0)
+                    time.sleep(wait)
             for silo in list(ids.values()):
                 self.state[silo] = None
                 yield Reply(
@@ -146,7 +161,7 @@ class FlowerEngine(NodeRoster):
         rnd: int,
         targets: list[str],
         work: dict[str, Work] | None,
-        downlink: bytes | None,
+        downlink: bytes | bytearray | None,
         base: int,
         deadline_s: float,
     ) -> dict[str, Message]:
@@ -170,7 +185,7 @@ class FlowerEngine(NodeRoster):
             if work is not None:
                 header["work"] = work_to_json(work[silo])
             have = self._effective_version(silo, rnd) if op == "round" else self._current(silo)
-            blobs: dict[str, bytes] = {}
+            blobs: dict[str, bytes | bytearray] = {}
             if downlink is not None and have == base:
                 blobs["downlink"] = downlink
             elif have != self.version:
@@ -237,7 +252,7 @@ class FlowerEngine(NodeRoster):
             )
         return Reply(silo=silo, payload=blobs.get("payload", b""), arrival_s=arrival, node=node)
 
-    def finish(self, downlink: bytes | None) -> int:
+    def finish(self, downlink: bytes | bytearray | None) -> int:
         """Deliver the last outer update (or full weights) so silos end on the final model."""
         sent = 0
         for reply in self._exchange("finish", 0, None, downlink, 120.0):

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any
 
 from flwr.app import Message
@@ -72,7 +72,7 @@ class NodeRoster:
 
     # ------------------------------------------------------------ messaging
     def _message(
-        self, node: int, header: dict[str, Any], blobs: dict[str, bytes], ttl: float
+        self, node: int, header: dict[str, Any], blobs: Mapping[str, bytes | bytearray], ttl: float
     ) -> Message:
         content = to_content({**header, "run_id": self.run_id}, blobs)
         return Message(content=content, dst_node_id=node, message_type="train", ttl=ttl)

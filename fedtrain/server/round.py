@@ -262,7 +262,7 @@ class RoundIntake:
         *,
         rnd: int,
         work: dict[str, Work],
-        downlink: bytes | None,
+        downlink: bytes | bytearray | None,
         outstanding: dict[str, tuple[int, Work]],
         quarantined: dict[str, int],
         timeout_s: float,

@@ -15,7 +15,7 @@ from typing import Any
 import torch
 
 from fedtrain.config import ReliabilitySection
-from fedtrain.transport.payload import Payload, PayloadError, decode_payload
+from fedtrain.transport.payload import LazyTensors, Payload, PayloadError, decode_payload
 
 __all__ = ["UpdateRejected", "UpdateValidator", "default_max_payload_bytes", "validate_update"]
 
@@ -57,14 +57,21 @@ def validate_update(
     if got != want:
         extra, missing = sorted(got - want)[:3], sorted(want - got)[:3]
         raise UpdateRejected(f"parameter names differ (unexpected {extra}, missing {missing})")
-    for name, t in payload.tensors.items():
+    tensors = payload.tensors
+    lazy = tensors if isinstance(tensors, LazyTensors) else None
+    for name in tensors:
+        shape = lazy.shape_of(name) if lazy is not None else tuple(tensors[name].shape)
         want_shape = tuple(shapes[name]) if shapes and name in shapes else tuple(params[name].shape)
-        if tuple(t.shape) != want_shape:
-            raise UpdateRejected(f"{name}: shape {tuple(t.shape)} != {want_shape}")
+        if tuple(shape) != want_shape:
+            raise UpdateRejected(f"{name}: shape {tuple(shape)} != {want_shape}")
         sent = payload.dtypes.get(name)
         if name in params and sent is not None and sent != _dtype_name(params[name]):
             raise UpdateRejected(f"{name}: dtype {sent} != {_dtype_name(params[name])}")
-        if not bool(torch.isfinite(t).all()):
+        if lazy is not None:
+            finite = lazy.all_finite(name)  # from the codec's scales where it can
+        else:
+            finite = bool(torch.isfinite(tensors[name]).all())
+        if not finite:
             raise UpdateRejected(f"{name}: contains NaN or infinite values")
 
 
@@ -98,7 +105,8 @@ class UpdateValidator:
         names: list[str] | None = None,
         shapes: dict[str, list[int]] | None = None,
     ) -> Payload:
-        """The decoded, valid (possibly norm-clipped) update, or :class:`UpdateRejected`."""
+        """The valid (possibly norm-clipped) update, its tensors decoded when read (a
+        :class:`~fedtrain.transport.payload.LazyTensors`), or :class:`UpdateRejected`."""
         if len(data) > self.max_bytes:
             raise UpdateRejected(
                 f"payload of {len(data)} bytes exceeds reliability.max_payload_bytes = "
@@ -110,7 +118,8 @@ class UpdateValidator:
             if key is None:
                 raise UpdateRejected(f"no public key for silo {silo!r}")
         try:
-            payload = decode_payload(data, public_key=key)
+            # Lazily: each tensor is decoded when it is folded into the aggregate, one at a time.
+            payload = decode_payload(data, public_key=key, lazy=True)
         except PayloadError as e:
             raise UpdateRejected(str(e)) from None
         validate_update(
@@ -133,6 +142,7 @@ class UpdateValidator:
                         f"update norm {norm:.4g} exceeds reliability.max_update_norm = {bound:g}"
                     )
                 scale = bound / norm
-                payload.tensors = {n: t * scale for n, t in payload.tensors.items()}
+                assert isinstance(payload.tensors, LazyTensors)
+                payload.tensors = payload.tensors.scaled(scale)
                 payload.meta = {**payload.meta, "clipped_from_norm": norm}
         return payload

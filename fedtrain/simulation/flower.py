@@ -97,7 +97,11 @@ class SimulatedFlowerEngine(FlowerEngine):
             raise DeploymentError(f"a virtual silo could not join the run: {reason}")
 
     def run_round(
-        self, round: int, work: dict[str, Work], downlink: bytes | None, deadline_s: float
+        self,
+        round: int,
+        work: dict[str, Work],
+        downlink: bytes | bytearray | None,
+        deadline_s: float,
     ) -> Iterator[Reply]:
         replies = super().run_round(round, work, downlink, deadline_s)
         index = {s: i for i, s in enumerate(self.silos)}

@@ -130,15 +130,15 @@ class InProcessEngine:
         """Replies not yet taken: (virtual arrival, silo index, reply, (start, end, compute))."""
         self.keep_late = spec.async_replies
         """Semi-async rounds: work in flight at a round's close arrives in a later round."""
-        self._backlog: dict[int, bytes] = {}
+        self._backlog: dict[int, bytes | bytearray] = {}
         """Broadcast of round r (keep_late only), until every silo has applied it."""
         self._synced: dict[str, int] = dict.fromkeys(self.silos, 0)
         """Last round whose broadcast each silo applied (keep_late only)."""
         self._round_start: tuple[float, dict[str, float]] = (0.0, dict(self.compute_s))
         self._pending_faults: dict[str, list[Any]] = {}
 
-    def join(self, weights_payload: bytes) -> int:
-        weights = decode_payload(weights_payload).tensors
+    def join(self, weights_payload: bytes | bytearray) -> int:
+        weights = dict(decode_payload(weights_payload).tensors)
         for worker in self.workers.values():
             worker.trainer.set_global(weights)
         # Joining happens before round 1; charge the slowest download to the clock.
@@ -148,7 +148,11 @@ class InProcessEngine:
         return len(weights_payload) * len(self.workers)
 
     def run_round(
-        self, round: int, work: dict[str, Work], downlink: bytes | None, deadline_s: float
+        self,
+        round: int,
+        work: dict[str, Work],
+        downlink: bytes | bytearray | None,
+        deadline_s: float,
     ) -> Iterator[Reply]:
         start = self.clock.now
         self._round_start = (start, dict(self.compute_s))
@@ -236,7 +240,7 @@ class InProcessEngine:
             out.extend((arrival, idx, Reply(name, p, 0.0), span) for p in payloads)
         return out
 
-    def _catch_up(self, name: str, round: int) -> bytes | None:
+    def _catch_up(self, name: str, round: int) -> bytes | bytearray | None:
         """Apply every broadcast ``name`` missed while computing, but the last; return that one
         (the silo applies it as the round's downlink) and charge all of them to its link."""
         worker = self.workers[name]
@@ -254,7 +258,7 @@ class InProcessEngine:
             del self._backlog[r]
         return missed[-1] if missed else None
 
-    def finish(self, downlink: bytes | None) -> int:
+    def finish(self, downlink: bytes | bytearray | None) -> int:
         """Deliver the last outer update so every silo ends on the final global weights."""
         if downlink is None:
             return 0

@@ -11,13 +11,16 @@ from __future__ import annotations
 import hashlib
 import os
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import fsspec
 from fsspec.core import url_to_fs
 
 __all__ = ["BlobCorrupted", "BlobMissing", "BlobStore"]
+
+_CHUNK = 16 << 20
+"""Bytes written or hashed at a time."""
 
 
 class BlobCorrupted(RuntimeError):
@@ -51,25 +54,44 @@ class BlobStore:
     def path(self, blob_id: str) -> str:
         return f"{self.root}/{blob_id[:2]}/{blob_id}"
 
-    def put(self, data: bytes) -> str:
+    def put(self, data: bytes | bytearray | memoryview) -> str:
         """Store ``data`` (idempotent; repairs a corrupted copy); return its id."""
-        blob_id = hashlib.sha256(data).hexdigest()
-        final = self.path(blob_id)
-        if self.fs.exists(final):
-            # Deduplicate only onto an intact copy: a corrupted one is replaced, not trusted.
-            try:
-                self.get(blob_id)
-                return blob_id
-            except (BlobCorrupted, BlobMissing):
-                pass
+        return self.put_chunks([data])
+
+    def put_chunks(self, chunks: Iterable[bytes | bytearray | memoryview]) -> str:
+        """Store the concatenation of ``chunks``, written and hashed as they come (never held
+        whole: a tensor file streams from the tensors' own memory); return its id."""
         tmp = f"{self.root}/tmp/{uuid.uuid4().hex}.{os.getpid()}"
+        sha = hashlib.sha256()
         with self.fs.open(tmp, "wb") as f:
-            f.write(data)
+            for chunk in chunks:
+                view = memoryview(chunk).cast("B")
+                for i in range(0, len(view), _CHUNK):
+                    part = view[i : i + _CHUNK]
+                    sha.update(part)
+                    f.write(part)
+        blob_id = sha.hexdigest()
+        final = self.path(blob_id)
+        # Deduplicate only onto an intact copy: a corrupted one is replaced, not trusted.
+        if self.fs.exists(final) and self._intact(blob_id):
+            self.fs.rm(tmp)
+            return blob_id
         if self.on_tmp_written is not None:
             self.on_tmp_written()
         self.fs.makedirs(f"{self.root}/{blob_id[:2]}", exist_ok=True)
         self.fs.mv(tmp, final)
         return blob_id
+
+    def _intact(self, blob_id: str) -> bool:
+        """Whether the stored blob still hashes to its id (read a chunk at a time)."""
+        sha = hashlib.sha256()
+        try:
+            with self.fs.open(self.path(blob_id), "rb") as f:
+                while chunk := f.read(_CHUNK):
+                    sha.update(chunk)
+        except FileNotFoundError:
+            return False
+        return sha.hexdigest() == blob_id
 
     def get(self, blob_id: str) -> bytes:
         """The blob's bytes, verified against its id."""

@@ -21,7 +21,7 @@ from typing import Any
 import torch
 
 from fedtrain.storage.runstore import RunStore
-from fedtrain.transport.payload import decode_payload
+from fedtrain.transport.payload import LazyTensors, decode_payload
 
 __all__ = ["CacheStats", "MetadataCache", "flatten"]
 
@@ -132,7 +132,7 @@ class MetadataCache:
                     f"no stored update from {silo} in round {rnd} (updates are kept for the "
                     "last storage.keep_updates rounds)"
                 )
-            return decode_payload(self.store.blobs.get(rows[0]["blob"])).tensors
+            return dict(decode_payload(self.store.blobs.get(rows[0]["blob"])).tensors)
 
         return self._get(("update", rnd, silo), load)
 
@@ -164,15 +164,26 @@ class MetadataCache:
         }
 
     # -------------------------------------------------------------- policies
-    def on_commit(self, rnd: int) -> None:
+    def on_commit(self, rnd: int, aggregate: dict[str, torch.Tensor] | None = None) -> None:
         """Prefetch round ``rnd`` (updates, aggregate, weights), pin the newest, drop old rounds,
-        and record the derived per-silo scalars for cross-round workloads."""
+        and record the derived per-silo scalars for cross-round workloads.
+
+        ``aggregate`` is the round's mean update as the coordinator holds it (else it is read
+        back). What does not fit is not built: an update is decoded a
+        tensor at a time for its scalars and dropped, so a model larger than the budget costs
+        one stored payload and one tensor here, never a model-sized copy.
+        """
         for key in [k for k in self.pinned if k[1] < rnd]:
             self.pinned.discard(key)
         for key in [k for k in self._lru if k[1] <= rnd - self.keep_rounds]:
             self._drop(key)
         state = self.store.index.round_state(rnd)
-        agg = self.store.get_tensors(state["aggregate_blob"])[0]
+        # Read back only when the caller does not have it (the coordinator always does).
+        agg = (
+            aggregate
+            if aggregate is not None
+            else self.store.get_tensors(state["aggregate_blob"])[0]
+        )
         self._insert(("aggregate", rnd, ""), agg, pin=True)
         if self.store.blobs.size(state["global_blob"]) <= self.budget:  # else not built
             weights = self.store.get_tensors(state["global_blob"])[0]
@@ -182,14 +193,21 @@ class MetadataCache:
         for row in self.store.index.updates(rnd):
             if not row["valid"] or not row["blob"]:
                 continue
-            upd = decode_payload(self.store.blobs.get(row["blob"])).tensors
-            self._insert(("update", rnd, row["silo"]), upd)
-            self.stats.prefetched += 1
-            if {n: t.shape for n, t in upd.items()} != {n: t.shape for n, t in agg.items()}:
+            upd = decode_payload(self.store.blobs.get(row["blob"]), lazy=True).tensors
+            assert isinstance(upd, LazyTensors)
+            if 4 * upd.total_numel <= self.budget:
+                self._insert(("update", rnd, row["silo"]), dict(upd.items()))
+                self.stats.prefetched += 1
+            if {n: upd.shape_of(n) for n in upd} != {n: tuple(t.shape) for n, t in agg.items()}:
                 continue  # not a model-shaped update (e.g. zeroth-order codes)
-            # Tensor by tensor (no flattened copies), accumulated in float64.
-            dot = sum(float(torch.dot(_f64(upd[n]), _f64(agg[n]))) for n in agg)
-            norm = _norm(upd)
+            # Tensor by tensor, each decoded once, accumulated in float64.
+            dot = squares = 0.0
+            for n in agg:
+                u = _f64(upd[n])
+                dot += float(torch.dot(u, _f64(agg[n])))
+                squares += float(u.square().sum())
+                del u
+            norm = squares**0.5
             cos = dot / max(norm * agg_norm, 1e-8)
             del upd
             self.stats.scalars[(rnd, row["silo"])] = {

@@ -26,12 +26,12 @@ from typing import Any
 import fsspec
 import torch
 from safetensors.torch import load as st_load
-from safetensors.torch import save as st_save
 
 from fedtrain.storage.blobstore import BlobCorrupted, BlobMissing, BlobStore
 from fedtrain.storage.faults import KillSwitch
 from fedtrain.storage.index import RunIndex
 from fedtrain.storage.rundir import RunDir
+from fedtrain.storage.tensorfile import safetensors_chunks
 
 __all__ = ["NoCheckpoint", "RunStore", "StoredState"]
 
@@ -59,6 +59,8 @@ def _blob_ids(state: dict[str, Any]) -> set[str]:
     for key, value in state.items():
         if key.endswith("_blob") and isinstance(value, str):
             ids.add(value)
+        elif key.endswith("_blobs") and isinstance(value, dict):  # e.g. one blob per tensor
+            ids.update(v for v in value.values() if isinstance(v, str))
         elif key == "silos" and isinstance(value, dict):
             ids.update(v for v in value.values() if isinstance(v, str))
         elif key == "engine" and isinstance(value, dict):
@@ -103,11 +105,8 @@ class RunStore:
     def put_tensors(
         self, tensors: dict[str, torch.Tensor], meta: dict[str, Any] | None = None
     ) -> str:
-        data = st_save(
-            {k: v.detach().contiguous() for k, v in tensors.items()},
-            metadata={"meta": json.dumps(meta or {})},
-        )
-        return self.blobs.put(data)
+        """Store ``tensors`` as one safetensors blob, streamed from their memory; its id."""
+        return self.blobs.put_chunks(safetensors_chunks(tensors, {"meta": json.dumps(meta or {})}))
 
     def get_tensors(self, blob_id: str) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
         data = self.blobs.get(blob_id)
@@ -151,14 +150,21 @@ class RunStore:
             weight=weight,
         )
 
-    def commit(self, rnd: int, state: dict[str, Any], metrics: dict[str, Any]) -> None:
-        """Steps 3-5 of the protocol (blobs in ``state`` must already be written)."""
+    def commit(
+        self,
+        rnd: int,
+        state: dict[str, Any],
+        metrics: dict[str, Any],
+        aggregate: dict[str, torch.Tensor] | None = None,
+    ) -> None:
+        """Steps 3-5 of the protocol (blobs in ``state`` must already be written).
+        ``aggregate``: the round's mean update still in memory, for the cache (not re-read)."""
         self.kill.check("updates_stored")
         self.kill.check("state_written")
         self.index.commit_round(rnd, state, metrics)
         self.kill.check("committed")
         if self.cache is not None:
-            self.cache.on_commit(rnd)
+            self.cache.on_commit(rnd, aggregate)
             scores = {
                 s: v["cosine_to_aggregate"]
                 for (r, s), v in self.cache.stats.scalars.items()
@@ -206,7 +212,7 @@ class RunStore:
             slim = {
                 k: v
                 for k, v in states[r].items()
-                if k in allowed or not (k.endswith("_blob") or k in _STATE_BLOBS)
+                if k in allowed or not (k.endswith(("_blob", "_blobs")) or k in _STATE_BLOBS)
             }
             slim["pruned"] = True
             if slim != states[r]:

@@ -18,6 +18,7 @@ __all__ = [
     "Strategy",
     "optimizer_from_tensors",
     "optimizer_to_tensors",
+    "step_some",
 ]
 
 
@@ -89,9 +90,21 @@ class Strategy(ABC):
     def step(self, mean_update: dict[str, torch.Tensor], round: int) -> None:
         """Apply the weighted-mean reply to ``params`` (in place)."""
 
+    def outer_parts(self, round: int) -> list[list[str]]:
+        """The parameters the outer step of ``round`` changes, in groups (in name order) that
+        :meth:`step_part` steps one after another with the same result as one :meth:`step`;
+        the coordinator then holds one group's old values at a time, not the model's. Default:
+        one group, the whole step."""
+        return [sorted(self.update_names(round) or self.params)]
+
+    def step_part(self, mean_update: dict[str, torch.Tensor], round: int, names: list[str]) -> None:
+        """Step the parameters ``names`` (one of :meth:`outer_parts`); default: :meth:`step`."""
+        self.step(mean_update, round)
+
     @abstractmethod
-    def state_tensors(self) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-        """Outer state as tensors + JSON metadata (for checkpoints)."""
+    def state_tensors(self, copy: bool = True) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+        """Outer state as tensors + JSON metadata (for checkpoints); ``copy=False`` may give
+        the live state tensors (the caller writes them out at once and keeps nothing)."""
 
     @abstractmethod
     def load_state_tensors(self, tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> None:
@@ -104,10 +117,27 @@ def _ordered_names(opt: torch.optim.Optimizer, params: dict[str, torch.nn.Parame
     return [by_id[id(p)] for g in opt.param_groups for p in g["params"]]
 
 
+def step_some(
+    opt: torch.optim.Optimizer,
+    params: dict[str, torch.nn.Parameter],
+    mean_update: dict[str, torch.Tensor],
+    names: list[str],
+) -> None:
+    """One optimizer step of ``names`` alone (the others have no gradient, so the optimizer
+    skips them). For optimizers that update each parameter from its own gradient and state
+    (SGD, Adam without clipping), stepping the parameters in parts gives the same bits as one
+    step of all of them."""
+    for n in names:
+        params[n].grad = mean_update[n].to(params[n].dtype).clone()
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+
+
 def optimizer_to_tensors(
-    opt: torch.optim.Optimizer, params: dict[str, torch.nn.Parameter]
+    opt: torch.optim.Optimizer, params: dict[str, torch.nn.Parameter], copy: bool = True
 ) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-    """Flatten an optimizer's state to ``{"<param>::<key>": tensor}`` plus JSON metadata."""
+    """Flatten an optimizer's state to ``{"<param>::<key>": tensor}`` plus JSON metadata
+    (``copy=False``: the state's own tensors, for a caller that only reads them at once)."""
     names = _ordered_names(opt, params)
     sd = opt.state_dict()
     tensors: dict[str, torch.Tensor] = {}
@@ -115,7 +145,8 @@ def optimizer_to_tensors(
     for idx, st in sd["state"].items():
         for key, value in st.items():
             if isinstance(value, torch.Tensor):
-                tensors[f"{names[idx]}::{key}"] = value.detach().clone().contiguous()
+                value = value.detach()
+                tensors[f"{names[idx]}::{key}"] = value.clone().contiguous() if copy else value
             else:
                 scalars[f"{names[idx]}::{key}"] = value
     groups = [{k: v for k, v in g.items() if k != "params"} for g in sd["param_groups"]]
@@ -149,15 +180,17 @@ class OuterOptimizerStrategy(Strategy):
     optimizer: torch.optim.Optimizer
 
     def _apply_grads(self, mean_update: dict[str, torch.Tensor], clip: float = 0.0) -> None:
+        if clip <= 0:
+            step_some(self.optimizer, self.params, mean_update, list(self.params))
+            return
         for n, p in self.params.items():
             p.grad = mean_update[n].to(p.dtype).clone()
-        if clip > 0:
-            torch.nn.utils.clip_grad_norm_(list(self.params.values()), clip)
+        torch.nn.utils.clip_grad_norm_(list(self.params.values()), clip)
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
 
-    def state_tensors(self) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-        return optimizer_to_tensors(self.optimizer, self.params)
+    def state_tensors(self, copy: bool = True) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+        return optimizer_to_tensors(self.optimizer, self.params, copy=copy)
 
     def load_state_tensors(self, tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> None:
         optimizer_from_tensors(self.optimizer, self.params, tensors, meta)

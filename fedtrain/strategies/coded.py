@@ -11,6 +11,7 @@ shards: silos with private data are never given coded work (the config refuses i
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -45,7 +46,7 @@ class CodedSum(Aggregator):
 
     def add(
         self,
-        tensors: dict[str, torch.Tensor],
+        tensors: Mapping[str, torch.Tensor],
         weight: float,
         sender: str = "",
         meta: dict[str, Any] | None = None,

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -143,7 +143,7 @@ class CompassMean(StreamingMean):
 
     def add(
         self,
-        tensors: dict[str, torch.Tensor],
+        tensors: Mapping[str, torch.Tensor],
         weight: float,
         sender: str = "",
         meta: dict[str, Any] | None = None,
@@ -165,7 +165,9 @@ class CompassMean(StreamingMean):
         if self.token_weight <= 0:
             return None
         scale = sum(self.steps.values()) / len(self.steps) / self.token_weight
-        return {n: t * scale for n, t in self._sum.items()}
+        for t in self._sum.values():
+            t.mul_(scale)  # in place, like StreamingMean.mean
+        return self._sum
 
     def report(self) -> dict[str, Any]:
         return {"steps_by_silo": dict(self.steps), "staleness": dict(self.staleness)}
@@ -258,8 +260,8 @@ class CompassDiLoCo(DiLoCo):
             if not g.members:
                 self.scheduler.close(gid)
 
-    def state_tensors(self) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-        tensors, meta = super().state_tensors()
+    def state_tensors(self, copy: bool = True) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+        tensors, meta = super().state_tensors(copy)
         sch = self.scheduler
         meta["compass"] = {
             "speed": sch.speed,

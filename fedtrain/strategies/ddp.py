@@ -50,8 +50,8 @@ class DataParallel(OuterOptimizerStrategy):
         self._apply_grads(mean_update, clip=self.train_cfg.grad_clip)
         self.steps_taken += 1
 
-    def state_tensors(self) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-        tensors, meta = super().state_tensors()
+    def state_tensors(self, copy: bool = True) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+        tensors, meta = super().state_tensors(copy)
         meta["steps_taken"] = self.steps_taken
         return tensors, meta
 

@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from fedtrain.protocol.work import TrainWork, Work
-from fedtrain.strategies.base import AggregationPlugin, OuterOptimizerStrategy
+from fedtrain.strategies.base import AggregationPlugin, OuterOptimizerStrategy, step_some
 from fedtrain.strategies.registry import BuildContext, StrategySpec
 
 if TYPE_CHECKING:
@@ -79,6 +79,13 @@ class DiLoCo(OuterOptimizerStrategy):
 
     def step(self, mean_update: dict[str, torch.Tensor], round: int) -> None:
         self._apply_grads(mean_update)
+
+    def outer_parts(self, round: int) -> list[list[str]]:
+        """One parameter at a time (SGD steps each from its own gradient and momentum)."""
+        return [[n] for n in sorted(self.update_names(round) or self.params)]
+
+    def step_part(self, mean_update: dict[str, torch.Tensor], round: int, names: list[str]) -> None:
+        step_some(self.optimizer, self.params, mean_update, names)
 
 
 def outer_settings(s: StrategySection) -> dict[str, Any]:

@@ -22,6 +22,7 @@ from fedtrain.strategies.base import (
     Strategy,
     optimizer_from_tensors,
     optimizer_to_tensors,
+    step_some,
 )
 from fedtrain.strategies.registry import BuildContext, StrategySpec
 
@@ -152,16 +153,20 @@ class StreamingDiLoCo(Strategy):
 
     def step(self, mean_update: dict[str, torch.Tensor], round: int) -> None:
         p = self.fragment_of_round(round)
-        for n in self.fragments[p]:
-            self.params[n].grad = mean_update[n].to(self.params[n].dtype).clone()
-        self.optimizers[p].step()
-        self.optimizers[p].zero_grad(set_to_none=True)
+        step_some(self.optimizers[p], self.params, mean_update, self.fragments[p])
 
-    def state_tensors(self) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    def outer_parts(self, round: int) -> list[list[str]]:
+        """The round's fragment one parameter at a time (its SGD steps each on its own)."""
+        return [[n] for n in sorted(self.update_names(round))]
+
+    def step_part(self, mean_update: dict[str, torch.Tensor], round: int, names: list[str]) -> None:
+        step_some(self.optimizers[self.fragment_of_round(round)], self.params, mean_update, names)
+
+    def state_tensors(self, copy: bool = True) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
         tensors: dict[str, torch.Tensor] = {}
         metas = []
         for opt, frag in zip(self.optimizers, self.fragments, strict=True):
-            t, m = optimizer_to_tensors(opt, {n: self.params[n] for n in frag})
+            t, m = optimizer_to_tensors(opt, {n: self.params[n] for n in frag}, copy=copy)
             tensors.update(t)  # parameter names are unique across fragments
             metas.append(m)
         return tensors, {"fragments": metas}

@@ -13,7 +13,7 @@ from __future__ import annotations
 import fnmatch
 import hashlib
 import math
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -198,7 +198,7 @@ class CodeCollector(Aggregator):
 
     def add(
         self,
-        tensors: dict[str, torch.Tensor],
+        tensors: Mapping[str, torch.Tensor],
         weight: float,
         sender: str = "",
         meta: dict[str, Any] | None = None,
@@ -294,7 +294,7 @@ class ZerothOrder(Strategy):
             "zo_names": self.names,
         }
 
-    def state_tensors(self) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    def state_tensors(self, copy: bool = True) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
         return {}, {"scale": self.scale}
 
     def load_state_tensors(self, tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> None:

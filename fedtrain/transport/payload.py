@@ -16,19 +16,30 @@ import hashlib
 import json
 import math
 import struct
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 from cryptography.exceptions import InvalidSignature
-from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
 from fedtrain.transport.codecs import Codec, get_codec
+from fedtrain.transport.framing import (
+    FORMAT_VERSION,
+    MAGIC,
+    SIGNATURE_BYTES,
+    PayloadWriter,
+    encode_payload,
+    header_digest,
+)
 
 __all__ = [
     "FORMAT_VERSION",
+    "LazyTensors",
     "Payload",
     "PayloadError",
+    "PayloadWriter",
     "SignatureError",
     "decode_payload",
     "encode_payload",
@@ -36,9 +47,6 @@ __all__ = [
     "read_header",
 ]
 
-MAGIC = b"FTP1"
-FORMAT_VERSION = 1
-SIGNATURE_BYTES = 64
 _MAX_HEADER = 64 << 20
 _MAX_DIMS = 64
 """torch's limit on a tensor's dimensions."""
@@ -66,8 +74,8 @@ class Payload:
     """Silo name, or 'coordinator'."""
     codec: str
     """Codec of the body."""
-    tensors: dict[str, torch.Tensor]
-    """Decoded tensors by parameter name."""
+    tensors: Mapping[str, torch.Tensor]
+    """Decoded tensors by parameter name (a :class:`LazyTensors` when decoded lazily)."""
     fragment: int | None = None
     """Fragment id (Streaming DiLoCo), or None for the whole model."""
     block_size: int = 64
@@ -82,57 +90,69 @@ class Payload:
     @property
     def numel(self) -> int:
         """Number of values carried."""
+        if isinstance(self.tensors, LazyTensors):
+            return self.tensors.total_numel
         return sum(t.numel() for t in self.tensors.values())
 
 
-def encode_payload(
-    tensors: dict[str, torch.Tensor],
-    *,
-    codec: str,
-    kind: str,
-    run_id: str,
-    round: int,
-    sender: str,
-    meta: dict[str, Any] | None = None,
-    block_size: int = 64,
-    stochastic: bool = False,
-    generator: torch.Generator | None = None,
-    fragment: int | None = None,
-    signing_key: Ed25519PrivateKey | None = None,
-) -> bytes:
-    """Serialise ``tensors`` through ``codec`` into one framed (optionally signed) payload."""
-    c = get_codec(codec, block_size=block_size, stochastic=stochastic, generator=generator)
-    names = sorted(tensors)
-    bodies = [c.encode(tensors[n].detach().reshape(-1)) for n in names]
-    body = b"".join(bodies)
-    header = {
-        "format": FORMAT_VERSION,
-        "kind": kind,
-        "run_id": run_id,
-        "round": round,
-        "sender": sender,
-        "fragment": fragment,
-        "codec": codec,
-        "block_size": block_size,
-        "names": names,
-        "shapes": [list(tensors[n].shape) for n in names],
-        "dtypes": [str(tensors[n].dtype).removeprefix("torch.") for n in names],
-        "numels": [tensors[n].numel() for n in names],
-        "sizes": [len(b) for b in bodies],
-        "body_bytes": len(body),
-        "body_sha256": hashlib.sha256(body).hexdigest(),
-        "signed": signing_key is not None,
-        "meta": meta or {},
-    }
-    header["header_sha256"] = header_digest(header)
-    head = json.dumps(header, separators=(",", ":"), sort_keys=True).encode("utf-8")
-    framed = MAGIC + struct.pack(">I", len(head)) + head + body
-    if signing_key is not None:
-        framed += signing_key.sign(framed)
-    return framed
+@dataclass(frozen=True, slots=True)
+class _Slot:
+    shape: tuple[int, ...]
+    numel: int
+    offset: int
+    size: int
 
 
-def read_header(data: bytes | memoryview) -> tuple[dict[str, Any], int]:
+class LazyTensors(Mapping[str, torch.Tensor]):
+    """A verified payload's tensors, each decoded when it is read and not kept: a reader that
+    goes through them one at a time holds one decoded tensor, never the whole update. Reading
+    a tensor twice decodes it twice (and gives a new tensor each time)."""
+
+    def __init__(
+        self,
+        codec: Codec,
+        body: memoryview,
+        slots: dict[str, _Slot],
+        scales: tuple[float, ...] = (),
+    ) -> None:
+        self._codec = codec
+        self._body = body
+        self._slots = slots
+        self._scales = scales
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        s = self._slots[name]
+        t = self._codec.decode(self._body[s.offset : s.offset + s.size], s.numel).reshape(s.shape)
+        for scale in self._scales:  # the same products, in order, as scaling eagerly
+            t = t * scale
+        return t
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._slots)
+
+    def __len__(self) -> int:
+        return len(self._slots)
+
+    def shape_of(self, name: str) -> tuple[int, ...]:
+        return self._slots[name].shape
+
+    @property
+    def total_numel(self) -> int:
+        return sum(s.numel for s in self._slots.values())
+
+    def all_finite(self, name: str) -> bool:
+        """Whether ``name`` decodes to finite values (from the codec's scales where it can)."""
+        if self._scales:
+            return bool(torch.isfinite(self[name]).all())
+        s = self._slots[name]
+        return self._codec.all_finite(self._body[s.offset : s.offset + s.size], s.numel)
+
+    def scaled(self, scale: float) -> LazyTensors:
+        """The same tensors, each multiplied by ``scale`` when read."""
+        return LazyTensors(self._codec, self._body, self._slots, (*self._scales, scale))
+
+
+def read_header(data: bytes | bytearray | memoryview) -> tuple[dict[str, Any], int]:
     """The parsed header and the offset where the body starts (no body checks)."""
     if len(data) < 8 or bytes(data[:4]) != MAGIC:
         raise PayloadError("not a fedtrain payload (bad magic or shorter than 8 bytes)")
@@ -214,7 +234,10 @@ def _header_fields(header: dict[str, Any]) -> _Fields:
 
 
 def _verified_body(
-    data: bytes | memoryview, start: int, f: _Fields, public_key: Ed25519PublicKey | None
+    data: bytes | bytearray | memoryview,
+    start: int,
+    f: _Fields,
+    public_key: Ed25519PublicKey | None,
 ) -> memoryview:
     """The body, once the total length, the signature (with ``public_key``) and the body's
     sha256 check out."""
@@ -240,8 +263,8 @@ def _verified_body(
     return body
 
 
-def _decode_tensors(f: _Fields, body: memoryview) -> dict[str, torch.Tensor]:
-    """Each tensor decoded from its slice of ``body``, after its shape and size are checked."""
+def _slots(f: _Fields) -> dict[str, _Slot]:
+    """Where each tensor lies in the body, after its shape and size are checked."""
     n = len(f.names)
     if (
         not (len(f.shapes) == len(f.sizes) == len(f.numels) == len(f.dtypes) == n)
@@ -249,7 +272,7 @@ def _decode_tensors(f: _Fields, body: memoryview) -> dict[str, torch.Tensor]:
     ):
         raise PayloadError("header tensor lists are inconsistent with the body size")
     codec = f.codec
-    tensors: dict[str, torch.Tensor] = {}
+    slots: dict[str, _Slot] = {}
     offset = 0
     for name, shape, numel, size in zip(f.names, f.shapes, f.numels, f.sizes, strict=True):
         if (
@@ -268,24 +291,36 @@ def _decode_tensors(f: _Fields, body: memoryview) -> dict[str, torch.Tensor]:
             raise PayloadError(
                 f"tensor {name!r}: {size} bytes do not hold {numel} values in codec {codec.name}"
             )
-        tensors[name] = codec.decode(body[offset : offset + size], numel).reshape(shape)
+        slots[name] = _Slot(tuple(shape), numel, offset, size)
         offset += size
-    return tensors
+    return slots
 
 
 def decode_payload(
-    data: bytes | memoryview, *, public_key: Ed25519PublicKey | None = None
+    data: bytes | bytearray | memoryview,
+    *,
+    public_key: Ed25519PublicKey | None = None,
+    lazy: bool = False,
 ) -> Payload:
     """Verify and decode a payload made by :func:`encode_payload`.
 
-    With ``public_key``, the payload must be signed by the matching private key.
+    With ``public_key``, the payload must be signed by the matching private key. With ``lazy``,
+    the tensors are a :class:`LazyTensors` over ``data`` (decoded when read).
     """
     header, start = read_header(data)
     if header.get("header_sha256") != header_digest(header):
         raise PayloadError("header checksum mismatch or missing (corrupted in transit or tampered)")
     f = _header_fields(header)
     body = _verified_body(data, start, f, public_key)
-    tensors = _decode_tensors(f, body)
+    slots = _slots(f)
+    tensors: Mapping[str, torch.Tensor]
+    if lazy:
+        tensors = LazyTensors(f.codec, body, slots)
+    else:
+        tensors = {
+            n: f.codec.decode(body[s.offset : s.offset + s.size], s.numel).reshape(s.shape)
+            for n, s in slots.items()
+        }
     meta = header.get("meta") or {}
     if not isinstance(meta, dict):
         raise PayloadError("header meta is not an object")
@@ -302,13 +337,6 @@ def decode_payload(
         meta=meta,
         dtypes=dict(zip(f.names, f.dtypes, strict=True)),
     )
-
-
-def header_digest(header: dict[str, Any]) -> str:
-    """sha256 of the header's canonical JSON without its own digest."""
-    fields = {k: v for k, v in header.items() if k != "header_sha256"}
-    canonical = json.dumps(fields, separators=(",", ":"), sort_keys=True, allow_nan=True)
-    return hashlib.sha256(canonical.encode("utf-8")).hexdigest()
 
 
 def _list(header: dict[str, Any], key: str) -> list[Any]:

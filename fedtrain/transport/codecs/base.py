@@ -65,6 +65,10 @@ class Codec(ABC):
         """``decode(encode(flat))``: what the receiver will see."""
         return self.decode(self.encode(flat), flat.numel())
 
+    def all_finite(self, data: bytes | memoryview, numel: int) -> bool:
+        """Whether every value :meth:`decode` gives is finite (by default: decode and look)."""
+        return bool(torch.isfinite(self.decode(data, numel)).all())
+
 
 def ceil_to_bf16_bits(a: torch.Tensor) -> torch.Tensor:
     """bf16 bit patterns (int32 in [0, 2^16)) of the smallest bf16 >= each non-negative ``a``.
@@ -99,6 +103,10 @@ def pack_nibbles(q: torch.Tensor) -> bytes:
     pairs = codes.view(-1, 2)
     packed = pairs[:, 1].bitwise_left_shift(4).bitwise_or_(pairs[:, 0])
     return packed.numpy().tobytes()
+
+
+_BF16_1E38 = 0x7E96
+"""bf16 bits (sign cleared) of the largest bf16 <= 1e38."""
 
 
 class BlockCodec(Codec):
@@ -276,6 +284,18 @@ class BlockCodec(Codec):
     def _factor(self, scale: np.ndarray) -> np.ndarray:
         """Per-block factor the codes' values are multiplied by, from the stored scales."""
         return scale
+
+    def all_finite(self, data: bytes | memoryview, numel: int) -> bool:
+        """From the scales alone when they are finite and at most 1e38: every code's value is
+        at most 8/7 of its block's scale, so no decoded value can overflow; otherwise decode."""
+        nb = self._n_blocks(numel)
+        if numel == 0 or len(data) != self.encoded_size(numel):
+            return super().all_finite(data, numel)
+        stored = np.frombuffer(memoryview(data).cast("B")[: 2 * nb], dtype="<u2")
+        # bf16 bits: exponent field below 0xFE (|x| < 2^127 ~ 1.7e38) and not all ones (inf/NaN)
+        if int((stored & 0x7FFF).max()) <= _BF16_1E38:
+            return True
+        return super().all_finite(data, numel)
 
     def decode(self, data: bytes | memoryview, numel: int) -> torch.Tensor:
         return self._decode(data, numel, None)

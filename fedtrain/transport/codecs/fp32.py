@@ -23,3 +23,9 @@ class Fp32Codec(Codec):
 
     def decode(self, data: bytes | memoryview, numel: int) -> torch.Tensor:
         return torch.from_numpy(np.frombuffer(data, dtype="<f4", count=numel).copy())
+
+    def all_finite(self, data: bytes | memoryview, numel: int) -> bool:
+        """Checked on the bytes in place, a slice at a time (no decoded copy)."""
+        values = np.frombuffer(data, dtype="<f4", count=numel)
+        step = 1 << 20
+        return all(bool(np.isfinite(values[i : i + step]).all()) for i in range(0, numel, step))
