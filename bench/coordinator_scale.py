@@ -44,18 +44,20 @@ from fedtrain.transport.framing import PayloadWriter
 
 
 def model_shape(n_params: float) -> tuple[ModelShape, int]:
-    """A Llama shape of about ``n_params`` parameters (tied embeddings) and its vocabulary."""
+    """A Llama shape of about ``n_params`` parameters (tied embeddings) and its vocabulary:
+    the widest one with at least 12 blocks (1e9: dim 2048, 19 blocks, as 1B Llamas are), else
+    at least 4 (small models)."""
     vocab = 32_000 if n_params >= 2e8 else 4096
-    for dim in (4096, 2048, 1024, 512, 256, 128):
-        ffn = max(256, round(8 * dim / 3 / 256) * 256)
-        per_layer = 4 * dim * dim + 3 * dim * ffn + 2 * dim
-        layers = round((n_params - vocab * dim) / per_layer)
-        if layers >= 4 or dim == 128:
-            shape = ModelShape(
-                dim=dim, n_layers=max(1, layers), n_heads=max(1, dim // 64), ffn_dim=ffn
-            )
-            return shape, vocab
-    raise AssertionError("unreachable")
+    for min_layers in (12, 4):
+        for dim in (4096, 2048, 1024, 512, 256, 128):
+            ffn = max(256, round(8 * dim / 3 / 256) * 256)
+            per_layer = 4 * dim * dim + 3 * dim * ffn + 2 * dim
+            layers = round((n_params - vocab * dim) / per_layer)
+            if layers >= min_layers and dim >= 256:
+                shape = ModelShape(dim=dim, n_layers=layers, n_heads=dim // 64, ffn_dim=ffn)
+                return shape, vocab
+    dim = 128
+    return ModelShape(dim=dim, n_layers=1, n_heads=2, ffn_dim=256), vocab
 
 
 class SyntheticEngine:

@@ -16,9 +16,9 @@ BENCH = Path(__file__).resolve().parents[2] / "bench" / "coordinator_scale.py"
 
 @pytest.mark.slow
 def test_coordinator_adds_under_three_models_and_its_disk_stops_growing(tmp_path):
-    # glibc returns freed buffers of 1 MiB and more to the system at once (its default adapts
+    # glibc returns freed buffers of 256 KiB and more to the system at once (its default adapts
     # the threshold up to 32 MiB, so a small model's freed tensors would stay resident).
-    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": str(1 << 20)}
+    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": str(1 << 18)}
     argv = [
         sys.executable,
         str(BENCH),
