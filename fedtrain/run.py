@@ -233,6 +233,8 @@ def _open_store(cfg: Config, run_dir: Path) -> RunStore:
     )
     if cfg.storage.cache_bytes:
         store.cache = MetadataCache(store, cfg.storage.cache_bytes)
+    if cfg.run.tensorboard:
+        store.dir.enable_tensorboard()
     return store
 
 
@@ -280,6 +282,8 @@ def write_outputs(run: Run, totals: RunTotals) -> dict[str, Any]:
     summary = summarise(run, totals)
     run.store.dir.write_json("summary.json", summary)
     run.store.dir.event("run_end", final_eval_loss=totals.final_eval_loss, tokens=totals.tokens)
+    if run.store.dir.tensorboard is not None:
+        run.store.dir.tensorboard.close()
     run.progress.footer(summary)
     return summary
 

@@ -42,6 +42,14 @@ def server(
     join_timeout: Annotated[
         float, typer.Option("--join-timeout", help="Seconds to wait for every silo to join.")
     ] = 600.0,
+    status_port: Annotated[
+        Optional[int],
+        typer.Option(
+            "--status-port",
+            help="Serve a live status page (and /status.json) on 127.0.0.1:PORT; 0: any free "
+            "port (printed).",
+        ),
+    ] = None,
 ) -> None:
     """Coordinate a federated run: SuperLink, fleet-only proxy, and the fedtrain ServerApp."""
     with user_errors(ValueError, RuntimeError, OSError):
@@ -55,6 +63,7 @@ def server(
             tls_dir=tls_dir,
             overrides=tuple(set_ or []),
             join_timeout_s=join_timeout,
+            status_port=status_port,
         )
         rc = run_server(opts)
     if rc:

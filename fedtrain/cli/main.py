@@ -10,8 +10,10 @@ from fedtrain.cli import data as data_cmd
 from fedtrain.cli import deploy as deploy_cmd
 from fedtrain.cli import flwr as flwr_cmd
 from fedtrain.cli import keys as keys_cmd
+from fedtrain.cli import model as model_cmd
 from fedtrain.cli import report as report_cmd
 from fedtrain.cli import simulate as simulate_cmd
+from fedtrain.cli import status as status_cmd
 from fedtrain.cli import store as store_cmd
 from fedtrain.cli import sweep as sweep_cmd
 
@@ -29,6 +31,10 @@ app.command("sweep")(sweep_cmd.sweep)
 app.command("report")(report_cmd.report)
 app.command("server")(deploy_cmd.server)
 app.command("client")(deploy_cmd.client)
+app.command("export")(model_cmd.export)
+app.command("eval")(model_cmd.eval_run)
+app.command("generate")(model_cmd.generate)
+app.command("status")(status_cmd.status)
 app.command(
     "flwr",
     context_settings={"allow_interspersed_args": False, "ignore_unknown_options": True},

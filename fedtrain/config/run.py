@@ -23,6 +23,9 @@ class RunSection:
     """Evaluate the global model each time this many tokens pass; 0 = once per DiLoCo round."""
     eval_batches: int = 16
     """Number of held-out windows (of ``train.seq_len`` tokens) in each evaluation."""
+    tensorboard: bool = False
+    """Also write the metrics.jsonl scalars as TensorBoard event files in ``tensorboard/``
+    (needs the ``tensorboard`` package: ``pip install 'fedtrain[tensorboard]'``)."""
 
     def __post_init__(self) -> None:
         _check(self.rounds >= 0, "run.rounds", "an integer >= 0", self.rounds)

@@ -35,6 +35,7 @@ __all__ = [
     "PreparedData",
     "SiloData",
     "configured_tokenizer",
+    "eval_split",
     "prepare_data",
     "silo_data",
     "tokenize_documents",
@@ -184,6 +185,16 @@ def prepare_data(cfg: Config, out_dir: Path) -> PreparedData:
         eval_batch=batch,
         unigram_eval_loss=unigram_cross_entropy(torch.from_numpy(counts), batch[:, 1:]),
     )
+
+
+def eval_split(cfg: Config, tok: Tokenizer, count: int | None = None) -> torch.Tensor:
+    """The run's held-out windows (those :func:`prepare_data` gives, for ``count`` =
+    ``run.eval_batches``), without opening any silo's data."""
+    part = partition_documents(
+        _corpus(cfg), cfg.data.silos, cfg.data.split, cfg.data.eval_fraction, cfg.run.seed
+    )
+    windows = count or cfg.run.eval_batches
+    return eval_windows(tokenize_documents(tok, part.eval_docs), windows, cfg.train.seq_len)
 
 
 @dataclass(slots=True)

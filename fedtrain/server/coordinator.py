@@ -24,6 +24,7 @@ from fedtrain.config import Config
 from fedtrain.models.evaluate import evaluate_loss
 from fedtrain.models.llama import Llama
 from fedtrain.protocol.work import Work, work_from_json, work_to_json
+from fedtrain.runtime.memory import limit_heap_fragmentation
 from fedtrain.server.closing import close_condition
 from fedtrain.server.engine import Engine
 from fedtrain.server.outer import coordinator_writer, outer_step_in_parts
@@ -132,6 +133,7 @@ class Coordinator:
     def run(self) -> RunTotals:
         """Join the silos (unless resumed), run rounds until the steps or rounds are spent."""
         t, cfg = self.totals, self.cfg
+        limit_heap_fragmentation()  # replies decoded tensor by tensor, for hundreds of rounds
         if not self._restored:
             self._join()
         downlink: bytes | bytearray | None = self._downlink

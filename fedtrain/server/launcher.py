@@ -35,6 +35,7 @@ from fedtrain.runtime.children import (
     tail,
 )
 from fedtrain.runtime.files import hold_lock, read_since
+from fedtrain.server.status_page import StatusServer
 from fedtrain.server.superlink import LaunchError, superlink_command, wait_health, write_app
 from fedtrain.server.superlink import register_keys as _register_keys
 from fedtrain.server.superlink import write_flwr_config as _flwr_config
@@ -70,6 +71,8 @@ class ServerOptions:
     tls_dir: Path | None = None
     overrides: tuple[str, ...] = ()
     join_timeout_s: float = 600.0
+    status_port: int | None = None
+    """Serve the live status page on 127.0.0.1:PORT (0: any free port); None: no page."""
 
 
 def _parse_address(address: str) -> tuple[str, int]:
@@ -283,7 +286,7 @@ def _serve(
     env = {"FLWR_HOME": str(home)}
     children = Children(run_dir / "logs")
     restore = install_stop_handlers()
-    proxy = None
+    proxy = status = None
     rc = 1
     internal = free_port()
     port_file = home / "superlink.port"
@@ -304,6 +307,9 @@ def _serve(
             f"run dir {run_dir}",
             flush=True,
         )
+        if opts.status_port is not None:
+            status = StatusServer(run_dir, opts.status_port).start()
+            print(f"fedtrain server: status page {status.url}", flush=True)
         start = _submit_run(opts, children, env, config_path, run_dir, tls)
         rc = _follow(children, run_dir, start)
     except Stop as e:
@@ -312,6 +318,8 @@ def _serve(
     finally:
         if proxy is not None:
             proxy.stop()
+        if status is not None:
+            status.stop()
         children.stop()
         # The ServerApp runs under Flower's SuperExec, outside our process tree's reach.
         stop_flower_apps(internal)

@@ -42,7 +42,10 @@ class BlobStore:
         **options: Any,
     ) -> None:
         if fs is None:
-            fs, root = url_to_fs(url, **options)
+            try:
+                fs, root = url_to_fs(url, **options)
+            except ImportError as e:  # e.g. s3:// without s3fs: fsspec names the package
+                raise ValueError(f"storage.url {url!r} cannot be opened: {e}") from None
         else:
             root = url.split("://", 1)[-1]
         self.fs = fs

@@ -44,13 +44,24 @@ def _nbytes(tensors: dict[str, torch.Tensor]) -> int:
     return sum(t.numel() * t.element_size() for t in tensors.values())
 
 
-def _f64(t: torch.Tensor) -> torch.Tensor:
-    return t.reshape(-1).double()
+_CHUNK = 1 << 20
+
+
+def _dot_and_squares(u: torch.Tensor, a: torch.Tensor) -> tuple[float, float]:
+    """⟨u, a⟩ and ‖u‖², accumulated in float64 a chunk at a time (no float64 copy of a whole
+    tensor: an embedding of a 1B model would be 0.5 GB per copy)."""
+    u, a = u.reshape(-1), a.reshape(-1)
+    dot = squares = 0.0
+    for i in range(0, u.numel(), _CHUNK):
+        uc = u[i : i + _CHUNK].double()
+        dot += float(torch.dot(uc, a[i : i + _CHUNK].double()))
+        squares += float(uc.square().sum())
+    return dot, squares
 
 
 def _norm(tensors: dict[str, torch.Tensor]) -> float:
     """ℓ2 norm over every tensor, accumulated in float64 (no flattened copy)."""
-    return sum(float(t.double().square().sum()) for t in tensors.values()) ** 0.5
+    return sum(_dot_and_squares(t, t)[1] for t in tensors.values()) ** 0.5
 
 
 def flatten(tensors: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -200,13 +211,10 @@ class MetadataCache:
                 self.stats.prefetched += 1
             if {n: upd.shape_of(n) for n in upd} != {n: tuple(t.shape) for n, t in agg.items()}:
                 continue  # not a model-shaped update (e.g. zeroth-order codes)
-            # Tensor by tensor, each decoded once, accumulated in float64.
             dot = squares = 0.0
-            for n in agg:
-                u = _f64(upd[n])
-                dot += float(torch.dot(u, _f64(agg[n])))
-                squares += float(u.square().sum())
-                del u
+            for n in agg:  # tensor by tensor, each decoded once
+                d, sq = _dot_and_squares(upd[n], agg[n])
+                dot, squares = dot + d, squares + sq
             norm = squares**0.5
             cos = dot / max(norm * agg_norm, 1e-8)
             del upd

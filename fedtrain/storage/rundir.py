@@ -11,7 +11,10 @@ import json
 import os
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from fedtrain.storage.tensorboard import TensorBoardLog
 
 __all__ = ["RunDir", "atomic_write_bytes"]
 
@@ -37,6 +40,7 @@ class RunDir:
         self.metrics_path = root / "metrics.jsonl"
         self.events_path = root / "events.jsonl"
         self.summary_path = root / "summary.json"
+        self.tensorboard: TensorBoardLog | None = None
 
     def write_text(self, name: str, text: str) -> None:
         atomic_write_bytes(self.root / name, text.encode("utf-8"))
@@ -50,8 +54,17 @@ class RunDir:
             f.flush()
 
     def metric(self, row: dict[str, Any]) -> None:
-        """Append one commit's metrics row."""
+        """Append one commit's metrics row (and its scalars to TensorBoard when enabled)."""
         self._append(self.metrics_path, row)
+        if self.tensorboard is not None:
+            self.tensorboard.write(row)
+
+    def enable_tensorboard(self) -> None:
+        """Also write every metrics row to TensorBoard event files under ``tensorboard/``."""
+        from fedtrain.storage.tensorboard import TensorBoardLog
+
+        if self.tensorboard is None:
+            self.tensorboard = TensorBoardLog(self.root / "tensorboard")
 
     def event(self, kind: str, **fields: Any) -> None:
         """Append a structured event."""

@@ -258,8 +258,8 @@ class RunStore:
         rows = self.index.metrics()
         text = "".join(json.dumps(r, sort_keys=True) + "\n" for r in rows)
         self.dir.write_text("metrics.jsonl", text)
-        tmp = f"{self.blobs.root}/tmp"
-        for leftover in self.blobs.fs.ls(tmp, detail=False):
+        # find, not ls: an object store has no empty directories (s3:// raises on ls).
+        for leftover in self.blobs.fs.find(f"{self.blobs.root}/tmp"):
             self.blobs.fs.rm(leftover)
         self.sweep()
 

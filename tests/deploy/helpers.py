@@ -151,3 +151,33 @@ def silo_tls_args(keys: Path, silo: str) -> list[str]:
         "--signing-key",
         str(own / "sign_key"),
     ]
+
+
+def chromium() -> str | None:
+    """A headless-capable Chromium on PATH (``.ci/run`` installs Debian's ``chromium``)."""
+    import shutil
+
+    for name in ("chromium", "chromium-browser", "google-chrome"):
+        found = shutil.which(name)
+        if found:
+            return found
+    return None
+
+
+def browse(url: str, screenshot: Path) -> str:
+    """Load ``url`` in headless Chromium, let its scripts run (5 s of virtual time), save a
+    screenshot; return the rendered DOM."""
+    browser = chromium()
+    assert browser is not None, "no chromium on PATH"
+    common = [browser, "--headless", "--no-sandbox", "--disable-gpu", "--hide-scrollbars"]
+    common += ["--virtual-time-budget=5000", f"--user-data-dir={screenshot.parent / 'profile'}"]
+    dom = subprocess.run(
+        [*common, "--dump-dom", url], capture_output=True, text=True, timeout=120, check=True
+    ).stdout
+    subprocess.run(
+        [*common, "--window-size=1100,800", f"--screenshot={screenshot}", url],
+        capture_output=True,
+        timeout=120,
+        check=True,
+    )
+    return dom
