@@ -94,9 +94,9 @@ class ShardedTrainer(SiloTrainer):
         fully_shard(model)
         self.model = model
         self.params = dict(model.named_parameters())
-        from fedtrain.optim import adamw_factory
+        from fedtrain.optim import inner_optimizer_factory
 
-        self.make_optimizer = adamw_factory(cfg)
+        self.make_optimizer = inner_optimizer_factory(cfg)
         self.optimizer = self.make_optimizer(list(self.params.items()))
         self.step = 0
 

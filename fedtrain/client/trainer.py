@@ -25,7 +25,7 @@ from fedtrain.config import TrainSection
 from fedtrain.data.stream import TokenStream
 from fedtrain.models.evaluate import evaluate_loss
 from fedtrain.models.llama import Llama
-from fedtrain.optim import OptimizerFactory, adamw_factory, lr_at
+from fedtrain.optim import OptimizerFactory, inner_optimizer_factory, lr_at
 from fedtrain.strategies.base import optimizer_from_tensors, optimizer_to_tensors
 
 __all__ = ["SiloTrainer", "StepStats"]
@@ -69,7 +69,7 @@ class SiloTrainer:
         self.total_steps = total_steps
         self.params = dict(model.named_parameters())
         self.anchor = {n: p.detach().clone() for n, p in self.params.items()}
-        self.make_optimizer = optimizer or adamw_factory(cfg)
+        self.make_optimizer = optimizer or inner_optimizer_factory(cfg)
         self.optimizer = self.make_optimizer(list(self.params.items()))
         self.step = 0
 

@@ -250,10 +250,11 @@ class SiloWorker:
             round=round,
             sender=self.name,
             meta=meta,
-            block_size=t.block_size,
             stochastic=t.stochastic_rounding,
             generator=gen,
             signing_key=self.signing_key,
+            block_size=t.codec_args()["block_size"],
+            keep=t.keep,
         )
         if feedback is not None:
             feedback.stage(send, dict(decode_payload(payload).tensors))

@@ -138,7 +138,10 @@ class TrainSection:
     warmup_steps: int = 20
     """Linear warm-up of the inner learning rate, in inner steps."""
     weight_decay: float = 0.1
-    """AdamW weight decay."""
+    """AdamW weight decay (Muon's too, with train.optimizer = "muon")."""
+    optimizer: str = "adamw"
+    """Inner optimizer: adamw, or muon (Muon on the hidden weight matrices, AdamW on
+    embeddings, norms and the head: MuLoCo)."""
     grad_clip: float = 1.0
     """Clip each inner step's gradient to this global norm (0 = off)."""
     bf16: bool = False
@@ -162,6 +165,12 @@ class TrainSection:
         )
         _check(self.warmup_steps >= 0, "train.warmup_steps", "an integer >= 0", self.warmup_steps)
         _check(self.weight_decay >= 0.0, "train.weight_decay", "a number >= 0", self.weight_decay)
+        _check(
+            self.optimizer in ("adamw", "muon"),
+            "train.optimizer",
+            "one of ['adamw', 'muon']",
+            self.optimizer,
+        )
         _check(self.grad_clip >= 0.0, "train.grad_clip", "a number >= 0", self.grad_clip)
         _check(self.threads >= 0, "train.threads", "an integer >= 0", self.threads)
 

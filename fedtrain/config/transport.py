@@ -21,7 +21,8 @@ __all__ = [
 @dataclass(kw_only=True, slots=True)
 class TransportSection:
     codec: str = "fp32"
-    """Codec for updates in both directions: fp32, bf16, int8, int4, fp4-e2m1, sign1."""
+    """Codec for updates in both directions: fp32, bf16, int8, int4, fp4-e2m1, sign1, and the
+    sparse topk-int2 / topk-int4 (top-k per chunk; need error_feedback)."""
     error_feedback: bool = False
     """Keep the quantization error (uplink per silo, downlink at the coordinator) and resend it."""
     block_size: int = 64
@@ -30,9 +31,13 @@ class TransportSection:
     """Round quantized values stochastically (unbiased) instead of to nearest."""
     sign_updates: bool = False
     """Each silo signs its updates with its Ed25519 key; the coordinator verifies them."""
+    chunk: int = 4096
+    """Sparse codecs: values per chunk (a power of two; SparseLoCo's 64x64 = 4096)."""
+    density: float = 0.0156
+    """Sparse codecs: fraction of each chunk kept (k = round(density * chunk), at least 1)."""
 
     def __post_init__(self) -> None:
-        codecs = ("fp32", "bf16", "int8", "int4", "fp4-e2m1", "sign1")
+        codecs = ("fp32", "bf16", "int8", "int4", "fp4-e2m1", "sign1", "topk-int2", "topk-int4")
         _check(self.codec in codecs, "transport.codec", f"one of {list(codecs)}", self.codec)
         _check(
             1 <= self.block_size <= 1 << 20,
@@ -40,6 +45,39 @@ class TransportSection:
             "an integer in [1, 1048576]",
             self.block_size,
         )
+        _check(
+            16 <= self.chunk <= 1 << 16 and not self.chunk & (self.chunk - 1),
+            "transport.chunk",
+            "a power of two in [16, 65536]",
+            self.chunk,
+        )
+        bits = self.chunk.bit_length() - 1
+        _check(
+            0 < self.density <= 1 / bits,
+            "transport.density",
+            f"in (0, 1/log2(chunk)] = (0, {1 / bits:.4g}] (denser: use int4 or int8)",
+            self.density,
+        )
+        _check(
+            not self.sparse or self.error_feedback,
+            "transport.error_feedback",
+            f"true with the sparse codec {self.codec} (what it drops must be resent)",
+            self.error_feedback,
+        )
+
+    @property
+    def sparse(self) -> bool:
+        return self.codec.startswith("topk-")
+
+    @property
+    def keep(self) -> int:
+        """Values kept per chunk by a sparse codec (0 for the others)."""
+        return max(1, round(self.density * self.chunk)) if self.sparse else 0
+
+    def codec_args(self) -> dict[str, int]:
+        """``block_size`` and ``keep`` for :func:`~fedtrain.transport.codecs.get_codec` and
+        payload writers: the chunk for a sparse codec, else the block size."""
+        return {"block_size": self.chunk if self.sparse else self.block_size, "keep": self.keep}
 
 
 @dataclass(kw_only=True, slots=True)

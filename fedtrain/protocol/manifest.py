@@ -23,7 +23,7 @@ def _codec(cfg: Config) -> dict[str, Any]:
     t = cfg.transport
     return {
         "codec": t.codec,
-        "block_size": t.block_size,
+        **({"chunk": t.chunk, "keep": t.keep} if t.sparse else {"block_size": t.block_size}),
         "stochastic_rounding": t.stochastic_rounding,
         "error_feedback": t.error_feedback,
         "sign_updates": t.sign_updates,

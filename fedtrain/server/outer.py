@@ -45,9 +45,10 @@ def coordinator_writer(
         round=rnd,
         sender="coordinator",
         meta=meta,
-        block_size=t.block_size,
         stochastic=t.stochastic_rounding,
         generator=gen,
+        block_size=t.codec_args()["block_size"],
+        keep=t.keep,
     )
 
 

@@ -48,8 +48,13 @@ BANDWIDTH_GRID_GBPS: tuple[float, ...] = tuple(10 ** (-1 + 4 * k / 49) for k in 
 METHODS = ("ddp", "diloco", "streaming")
 
 
-def codec_bits_per_value(codec: str, block_size: int = 64) -> float:
-    """Bits on the wire per exchanged value for a transport codec (block scales included)."""
+def codec_bits_per_value(codec: str, block_size: int = 64, keep: int = 0) -> float:
+    """Bits on the wire per exchanged value for a transport codec (block scales included; a
+    sparse codec: its chunk bytes — scale, indices, values — over the chunk)."""
+    if codec.startswith("topk-"):
+        from fedtrain.transport.codecs import get_codec
+
+        return float(get_codec(codec, block_size=block_size, keep=keep).bits_per_value)
     scale = 16.0 / block_size  # one bf16 scale per block
     bits = {"fp32": 32.0, "bf16": 16.0, "int8": 8 + scale, "int4": 4 + scale}
     bits.update({"fp4-e2m1": 4 + scale, "sign1": 1 + scale})
@@ -220,7 +225,7 @@ def _plan(cfg: Config, method: str, params: float, layers: int) -> _Plan:
         raise ConfigError(
             f"strategy.fragments: {fragments} fragments must divide the model's {layers} layers"
         )
-    bits = codec_bits_per_value(cfg.transport.codec, cfg.transport.block_size)
+    bits = codec_bits_per_value(cfg.transport.codec, **cfg.transport.codec_args())
     return _Plan(
         silos=silos,
         timings=timings,

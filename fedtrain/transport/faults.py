@@ -160,6 +160,7 @@ def _retensor(
         sender=p.sender,
         meta=p.meta,
         block_size=p.block_size,
+        keep=p.keep,
         fragment=p.fragment,
         signing_key=key if sign and p.signed else None,
     )

@@ -18,7 +18,7 @@ from typing import Any
 import torch
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from fedtrain.transport.codecs import get_codec
+from fedtrain.transport.codecs import get_codec, is_sparse
 
 __all__ = [
     "FORMAT_VERSION",
@@ -66,9 +66,10 @@ class PayloadWriter:
         generator: torch.Generator | None = None,
         fragment: int | None = None,
         signing_key: Ed25519PrivateKey | None = None,
+        keep: int = 0,
     ) -> None:
         self.codec = get_codec(
-            codec, block_size=block_size, stochastic=stochastic, generator=generator
+            codec, block_size=block_size, stochastic=stochastic, generator=generator, keep=keep
         )
         self.names = sorted(like)
         numels = [like[n].numel() for n in self.names]
@@ -93,6 +94,8 @@ class PayloadWriter:
             "meta": meta or {},
             "header_sha256": _PLACEHOLDER,
         }
+        if is_sparse(codec):  # only sparse payloads carry it: other headers stay as they were
+            self._header["keep"] = keep
         self._head_len = len(_dumps(self._header))
         start = 8 + self._head_len
         self._slots: list[tuple[int, int]] = []
@@ -159,6 +162,7 @@ def encode_payload(
     generator: torch.Generator | None = None,
     fragment: int | None = None,
     signing_key: Ed25519PrivateKey | None = None,
+    keep: int = 0,
 ) -> bytes:
     """Serialise ``tensors`` through ``codec`` into one framed (optionally signed) payload."""
     writer = PayloadWriter(
@@ -174,6 +178,7 @@ def encode_payload(
         generator=generator,
         fragment=fragment,
         signing_key=signing_key,
+        keep=keep,
     )
     for name in writer.names:
         writer.write(name, tensors[name])

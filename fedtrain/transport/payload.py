@@ -79,7 +79,9 @@ class Payload:
     fragment: int | None = None
     """Fragment id (Streaming DiLoCo), or None for the whole model."""
     block_size: int = 64
-    """Codec block size."""
+    """Codec block size (a sparse codec's chunk)."""
+    keep: int = 0
+    """Values kept per chunk (sparse codecs; 0 for the others)."""
     signed: bool = False
     """Whether the payload carried a signature (verified if a key was given)."""
     meta: dict[str, Any] = field(default_factory=dict)
@@ -200,7 +202,10 @@ def _header_fields(header: dict[str, Any]) -> _Fields:
         block = _int(header, "block_size")
         if not 1 <= block <= 1 << 20:
             raise ValueError(f"'block_size' {block} is outside [1, 1048576]")
-        codec = get_codec(_str(header, "codec"), block_size=block)
+        keep = header.get("keep", 0)
+        if type(keep) is not int:
+            raise ValueError(f"'keep' {keep!r} is not an integer")
+        codec = get_codec(_str(header, "codec"), block_size=block, keep=keep)
         body_bytes, digest = _int(header, "body_bytes"), _str(header, "body_sha256")
         signed = header["signed"]
         run_id, rnd, sender = _str(header, "run_id"), _int(header, "round"), _str(header, "sender")
@@ -333,6 +338,7 @@ def decode_payload(
         tensors=tensors,
         fragment=f.fragment,
         block_size=f.block,
+        keep=int(getattr(f.codec, "keep", 0)),
         signed=f.signed,
         meta=meta,
         dtypes=dict(zip(f.names, f.dtypes, strict=True)),

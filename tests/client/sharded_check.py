@@ -1,9 +1,11 @@
-"""Run under `torchrun --nproc-per-node 2`: a ShardedTrainer against a single-process
-SiloTrainer on the same batches. Prints one JSON line of max differences from rank 0."""
+"""Run under `torchrun --nproc-per-node 2 sharded_check.py [adamw|muon]`: a ShardedTrainer
+against a single-process SiloTrainer on the same batches, with that inner optimizer. Prints one
+JSON line of max differences from rank 0."""
 
 from __future__ import annotations
 
 import json
+import sys
 import tempfile
 
 import torch
@@ -28,7 +30,8 @@ def _shutdown() -> None:
 def main() -> None:
     torch.set_num_threads(1)
     dist.init_process_group("gloo")
-    cfg = config_from_dict(tiny_config_dict()).train
+    optimizer = sys.argv[1] if len(sys.argv) > 1 else "adamw"
+    cfg = config_from_dict(tiny_config_dict(train={"optimizer": optimizer})).train
     tokens = torch.randint(0, 256, (5000,), generator=torch.Generator().manual_seed(0))
     model = lambda: build_model(PRESETS["tiny"], 256, 0)  # noqa: E731
     sh = ShardedTrainer("a", model(), TokenStream(tokens, 0, "a"), cfg, 100)
@@ -41,7 +44,7 @@ def main() -> None:
         return max(float((a[n] - b[n].detach()).abs().max()) for n in a)
 
     ref = SiloTrainer("a", model(), TokenStream(tokens, 0, "a"), cfg, 100)
-    out = {}
+    out: dict = {"optimizer": optimizer}
     s1, s0 = sh.train(5), ref.train(5)
     out["loss"] = abs(s1.mean_loss - s0.mean_loss)
     g1, g0 = sh.pseudo_gradient(), ref.pseudo_gradient()

@@ -1,6 +1,7 @@
 """FSDP2 over 2 gloo processes trains like one process: same losses, pseudo-gradients,
 partial/mixed updates and checkpoint round trip, up to float summation order (each rank
-averages half the batch and FSDP averages the two; 1e-5 absolute on weights of magnitude ~1)."""
+averages half the batch and FSDP averages the two; 1e-5 absolute on weights of magnitude ~1),
+with AdamW and with Muon (whose Newton-Schulz steps run on FSDP's sharded DTensors)."""
 
 from __future__ import annotations
 
@@ -17,8 +18,8 @@ pytestmark = pytest.mark.slow
 ROOT = Path(__file__).resolve().parents[2]
 
 
-@pytest.fixture(scope="module")
-def result() -> dict:
+@pytest.fixture(scope="module", params=["adamw", "muon"])
+def result(request) -> dict:
     r = subprocess.run(
         [
             sys.executable,
@@ -28,6 +29,7 @@ def result() -> dict:
             "--nproc-per-node",
             "2",
             str(Path(__file__).with_name("sharded_check.py")),
+            request.param,
         ],
         capture_output=True,
         text=True,
@@ -41,7 +43,12 @@ def result() -> dict:
 
 @pytest.mark.parametrize("key", ["loss", "pseudo_grad", "apply", "anchor", "after_reload", "eval"])
 def test_sharded_matches_single_process(result, key):
-    assert result[key] <= 1e-5, result
+    # Muon orthogonalises in bf16: measured, a 1e-7 relative change of the weights moves one
+    # process's own 5-step pseudo-gradient (entries up to 9e-3) by 2.1e-4 with Muon, 2.8e-5
+    # with AdamW. Sharded vs single-process differ by that much, not by a wrong sharding
+    # (orthogonalising each rank's half of a matrix would change it by the order of lr, 3e-3).
+    tolerance = 5e-4 if result["optimizer"] == "muon" else 1e-5
+    assert result[key] <= tolerance, result
 
 
 def test_checkpoint_restores_step_and_weights_exactly(result):

@@ -16,6 +16,7 @@ from fedtrain.transport import (
     encode_payload,
     get_codec,
 )
+from fedtrain.transport.codecs import is_sparse
 from fedtrain.transport.codecs.base import bf16_bits_to_float, ceil_to_bf16_bits
 from fedtrain.transport.codecs.fp4 import E2M1_GRID
 
@@ -29,8 +30,10 @@ def _x(n: int, seed: int = 0, scale: float = 1.0) -> torch.Tensor:
 # ------------------------------------------------------------------------------ contract
 def run_contract(name: str) -> Payload:
     """What every codec must satisfy; a new codec is added to CODECS and passes this."""
-    for block in (1, 7, 64):
-        codec = get_codec(name, block_size=block)
+    sparse = is_sparse(name)  # a chunk (power of two) and values kept per chunk
+    keep = 4 if sparse else 0
+    for block in (16, 64) if sparse else (1, 7, 64):
+        codec = get_codec(name, block_size=block, keep=keep)
         for n in (0, 1, 63, 64, 65, 1001):
             x = _x(n, seed=n) * 3
             data = codec.encode(x)
@@ -40,12 +43,20 @@ def run_contract(name: str) -> Payload:
             assert torch.isfinite(y).all()
     tensors = {"w": _x(6 * 7).reshape(6, 7), "odd": _x(5), "empty": torch.zeros(0, 3)}
     data = encode_payload(
-        tensors, codec=name, kind="pseudo_grad", run_id="r", round=1, sender="s", block_size=32
+        tensors,
+        codec=name,
+        kind="pseudo_grad",
+        run_id="r",
+        round=1,
+        sender="s",
+        block_size=32,
+        keep=keep,
     )
     p = decode_payload(data)
     assert {k: v.shape for k, v in p.tensors.items()} == {k: v.shape for k, v in tensors.items()}
     header_len = int.from_bytes(data[4:8], "big")
-    body = sum(get_codec(name, block_size=32).encoded_size(t.numel()) for t in tensors.values())
+    c32 = get_codec(name, block_size=32, keep=keep)
+    body = sum(c32.encoded_size(t.numel()) for t in tensors.values())
     assert len(data) == 8 + header_len + body  # the payload is exactly what the header says
     with pytest.raises(PayloadError):
         decode_payload(data[:-1])
@@ -67,7 +78,7 @@ def test_config_codec_names_match_the_registry():
         TransportSection(codec="nope")
     for name in ALL:
         assert repr(name) in str(e.value)
-        TransportSection(codec=name)
+        TransportSection(codec=name, error_feedback=is_sparse(name))
 
 
 @pytest.mark.parametrize(
@@ -142,7 +153,8 @@ def test_measured_relative_errors_match_the_spec():
 
 def test_zeros_and_constant_blocks_round_trip_exactly():
     for name in ALL:
-        assert torch.equal(get_codec(name).roundtrip(torch.zeros(130)), torch.zeros(130))
+        codec = get_codec(name, keep=4 if is_sparse(name) else 0)
+        assert torch.equal(codec.roundtrip(torch.zeros(130)), torch.zeros(130))
 
 
 @pytest.mark.parametrize("name, levels", [("int8", 127.0), ("int4", 7.0)])

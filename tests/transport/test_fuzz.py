@@ -47,6 +47,20 @@ from fedtrain.transport.payload import (
 RUN, ROUND, SILO, KIND = "run-fuzz", 7, "silo1", "pseudo_grad"
 CODECS = ("fp32", "bf16", "int8", "int4", "fp4-e2m1", "sign1")
 BLOCKS = (64, 8, 5)
+SPARSE = ("topk-int2", "topk-int4")
+PAIRS = [(c, b) for c in CODECS for b in BLOCKS] + [(c, b) for c in SPARSE for b in (64, 8)]
+"""(codec, block size) of the payloads fuzzed; a sparse codec's block is its chunk (a power of
+two) and it keeps a quarter of each chunk (:func:`keep_of`)."""
+
+
+def keep_of(codec: str, block: int) -> int:
+    return max(1, block // 4) if codec in SPARSE else 0
+
+
+def codec_of(codec: str, block: int) -> Any:
+    return get_codec(codec, block_size=block, keep=keep_of(codec, block))
+
+
 BOUND = 10.0
 """Norm bound of the validators; the honest update's norm is about 0.3."""
 
@@ -180,6 +194,7 @@ def valid(codec: str, block_size: int, signed: bool) -> bytes:
         sender=SILO,
         meta={"tokens": 640, "loss": 2.5},
         block_size=block_size,
+        keep=keep_of(codec, block_size),
         signing_key=KEY if signed else None,
     )
 
@@ -206,7 +221,7 @@ def frame(head: bytes, body: bytes) -> bytes:
     return MAGIC + struct.pack(">I", len(head)) + head + body
 
 
-bases = st.tuples(st.sampled_from(CODECS), st.sampled_from(BLOCKS), st.booleans())
+bases = st.tuples(st.sampled_from(PAIRS), st.booleans()).map(lambda t: (*t[0], t[1]))
 
 
 def test_every_header_bit_flip_is_caught_without_a_signature() -> None:
@@ -226,17 +241,16 @@ def test_every_header_bit_flip_is_caught_without_a_signature() -> None:
 
 def test_unmodified_payloads_pass_every_codec() -> None:
     """The baseline the properties mutate: every valid payload is accepted as sent."""
-    for codec in CODECS:
-        for block in BLOCKS:
-            for signed in (False, True):
-                data = valid(codec, block, signed)
-                decoded, accepted = check_all(data)
-                assert decoded is not None and accepted is not None
-                assert (check_or_rejected(validator(keys=True), data) is not None) == signed
-                c = get_codec(codec, block_size=block)
-                for n, t in HONEST.items():
-                    want = c.roundtrip(t.reshape(-1)).reshape(t.shape)
-                    assert torch.equal(accepted.tensors[n], want), (codec, block, n)
+    for codec, block in PAIRS:
+        for signed in (False, True):
+            data = valid(codec, block, signed)
+            decoded, accepted = check_all(data)
+            assert decoded is not None and accepted is not None
+            assert (check_or_rejected(validator(keys=True), data) is not None) == signed
+            c = codec_of(codec, block)
+            for n, t in HONEST.items():
+                want = c.roundtrip(t.reshape(-1)).reshape(t.shape)
+                assert torch.equal(accepted.tensors[n], want), (codec, block, n)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -595,8 +609,7 @@ def lies(draw: st.DrawFn) -> tuple[dict[str, torch.Tensor], dict[str, Any], list
     }
     args = {
         **ids,
-        "codec": draw(st.sampled_from(CODECS)),
-        "block_size": draw(st.sampled_from(BLOCKS)),
+        **dict(zip(("codec", "block_size"), draw(st.sampled_from(PAIRS)), strict=True)),
         "signing_key": {"silo": KEY, "other": OTHER, "none": None}[signer],
     }
     return tensors, args, [k for k, yes in told.items() if yes]
@@ -610,7 +623,7 @@ def test_tensor_level_lies(
     """Validly encoded lies are rejected exactly when told; the truth arrives bit-exact."""
     RUNS["tensor_lies"] += 1
     tensors, args, told = case
-    data = encode_payload(tensors, **args)
+    data = encode_payload(tensors, keep=keep_of(args["codec"], args["block_size"]), **args)
     assert decode_or_error(data) is not None  # well-formed: only the validator can object
     unsigned_lies = [t for t in told if t != "signature"]
     for keys in (False, True):
@@ -620,7 +633,7 @@ def test_tensor_level_lies(
             lies_here = [t for t in lies_here if t != "norm"]
         assert (p is None) == bool(lies_here), (lies_here, args["codec"])
         if p is not None and "norm" not in told:
-            c = get_codec(args["codec"], block_size=args["block_size"])
+            c = codec_of(args["codec"], args["block_size"])
             for n, t in tensors.items():
                 want = c.roundtrip(t.reshape(-1)).reshape(t.shape)
                 assert torch.equal(p.tensors[n], want), n
@@ -632,11 +645,11 @@ def test_tensor_level_lies(
 # Memory safety: a header claiming huge tensors is refused before anything is allocated.
 
 
-@pytest.mark.parametrize("codec", CODECS)
+@pytest.mark.parametrize("codec", [*CODECS, *SPARSE])
 @pytest.mark.parametrize("claim", [2**30, 2**40, 2**63, 10**30, 10**400])
 def test_huge_claims_are_refused_before_decoding(codec: str, claim: int) -> None:
     header, body, _ = split(valid(codec, 64, False))
-    size = get_codec(codec).encoded_size(claim)  # exact integer arithmetic, no float overflow
+    size = codec_of(codec, 64).encoded_size(claim)  # exact integer arithmetic, no float overflow
     assert type(size) is int and size >= claim // 8
     # The lie told consistently: sizes and body_bytes follow the claim, the body does not.
     consistent = dict(header, shapes=[[claim], *header["shapes"][1:]], numels=[claim])
