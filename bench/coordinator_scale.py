@@ -84,7 +84,7 @@ class SyntheticEngine:
         key = tuple(sorted(names))
         if key not in self._bodies:
             t = self.cfg.transport
-            codec = get_codec(t.codec, block_size=t.block_size)
+            codec = get_codec(t.codec, **t.codec_args())
             gen = torch.Generator().manual_seed(len(self._bodies))
             path = self.dir / f"body{len(self._bodies)}.bin"
             with path.open("wb") as f:
@@ -109,7 +109,8 @@ class SyntheticEngine:
             round=rnd,
             sender=silo,
             meta={"tokens": 1000, "steps": work.steps, "train_loss": 5.0},
-            block_size=t.block_size,
+            block_size=t.codec_args()["block_size"],
+            keep=t.keep,
             fragment=getattr(work, "fragment", None),
         )
         with self._body(names).open("rb") as f:

@@ -95,7 +95,10 @@ def load_trained(run_dir: Path, rnd: int | None = None) -> TrainedModel:
     missing = set(dict(model.named_parameters())) - set(weights)
     if missing:
         raise ValueError(f"weights in {run_dir} lack {sorted(missing)[:3]}")
-    model.load_state_dict(weights, strict=False)
+    try:
+        model.load_state_dict(weights, strict=True)
+    except RuntimeError as e:  # shapes or names that are not this run's model
+        raise ValueError(f"weights in {run_dir} do not fit the run's model: {e}") from None
     model.eval()
     return TrainedModel(run_dir, cfg, shape, tok, tok_path, model, rnd)
 

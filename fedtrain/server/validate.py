@@ -68,6 +68,9 @@ def validate_update(
         if name in params and sent is not None and sent != _dtype_name(params[name]):
             raise UpdateRejected(f"{name}: dtype {sent} != {_dtype_name(params[name])}")
         if lazy is not None:
+            reason = lazy.malformed(name)
+            if reason is not None:
+                raise UpdateRejected(f"{name}: {reason}")
             finite = lazy.all_finite(name)  # from the codec's scales where it can
         else:
             finite = bool(torch.isfinite(tensors[name]).all())

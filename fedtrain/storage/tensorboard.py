@@ -1,9 +1,11 @@
 """TensorBoard event files of a run's metrics: every numeric ``metrics.jsonl`` field, per round.
 
 Written with the ``tensorboard`` package's event writer (via ``torch.utils.tensorboard``), one
-scalar per field at step = the round, plus the same scalars against tokens under ``by_tokens/``
-(``eval_loss`` vs tokens is how runs of different round sizes compare). A resumed run opens a
-new event file and discards, as TensorBoard does with ``purge_step``, the rounds it replays.
+scalar per field at step = the round, plus the same scalars against tokens in the
+``by_tokens/`` subdirectory (``eval_loss`` vs tokens is how runs of different round sizes
+compare; its own writer, since TensorBoard's purge on resume goes by step across a writer's
+tags). A resumed run opens new event files that purge, from its first round (and token count)
+on, what an earlier process wrote.
 """
 
 from __future__ import annotations
@@ -40,22 +42,31 @@ class TensorBoardLog:
             ) from None
         self.directory = directory
         self._writer_class = SummaryWriter
-        self._writer: Any = None
+        self._writers: tuple[Any, Any] | None = None
 
     def write(self, row: dict[str, Any]) -> None:
         step = int(row.get("round", 0))
-        if self._writer is None:  # the first row seen: a resumed run purges what it replays
-            self._writer = self._writer_class(
-                log_dir=str(self.directory), purge_step=step, flush_secs=30
-            )
         tokens = row.get("tokens")
+        if self._writers is None:  # the first row seen: a resumed run purges what it replays
+            first_tokens = tokens if isinstance(tokens, int) else 0
+            self._writers = (
+                self._writer_class(log_dir=str(self.directory), purge_step=step, flush_secs=30),
+                self._writer_class(
+                    log_dir=str(self.directory / "by_tokens"),
+                    purge_step=first_tokens,
+                    flush_secs=30,
+                ),
+            )
+        by_round, by_tokens = self._writers
         for key, value in scalars_of(row).items():
-            self._writer.add_scalar(key, value, global_step=step)
+            by_round.add_scalar(key, value, global_step=step)
             if isinstance(tokens, int) and key != "tokens":
-                self._writer.add_scalar(f"by_tokens/{key}", value, global_step=tokens)
-        self._writer.flush()
+                by_tokens.add_scalar(f"by_tokens/{key}", value, global_step=tokens)
+        by_round.flush()
+        by_tokens.flush()
 
     def close(self) -> None:
-        if self._writer is not None:
-            self._writer.close()
-            self._writer = None
+        if self._writers is not None:
+            for writer in self._writers:
+                writer.close()
+            self._writers = None

@@ -138,6 +138,11 @@ class LazyTensors(Mapping[str, torch.Tensor]):
     def shape_of(self, name: str) -> tuple[int, ...]:
         return self._slots[name].shape
 
+    def malformed(self, name: str) -> str | None:
+        """The codec's objection to ``name``'s body (e.g. repeated sparse indices), or None."""
+        s = self._slots[name]
+        return self._codec.malformed(self._body[s.offset : s.offset + s.size], s.numel)
+
     @property
     def total_numel(self) -> int:
         return sum(s.numel for s in self._slots.values())
@@ -322,10 +327,13 @@ def decode_payload(
     if lazy:
         tensors = LazyTensors(f.codec, body, slots)
     else:
-        tensors = {
-            n: f.codec.decode(body[s.offset : s.offset + s.size], s.numel).reshape(s.shape)
-            for n, s in slots.items()
-        }
+        try:
+            tensors = {
+                n: f.codec.decode(body[s.offset : s.offset + s.size], s.numel).reshape(s.shape)
+                for n, s in slots.items()
+            }
+        except ValueError as e:
+            raise PayloadError(f"body cannot be decoded: {e}") from None
     meta = header.get("meta") or {}
     if not isinstance(meta, dict):
         raise PayloadError("header meta is not an object")

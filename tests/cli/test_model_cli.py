@@ -94,7 +94,9 @@ def test_tensorboard_event_files_hold_the_metrics(run_dir):
     loss = [(e.step, e.value) for e in acc.Scalars("eval_loss")]
     assert [s for s, _ in loss] == [1, 2, 3, 4]
     assert [v for _, v in loss] == pytest.approx([r["eval_loss"] for r in rows], rel=1e-6)
-    by_tokens = [e.step for e in acc.Scalars("by_tokens/eval_loss")]
+    tok = EventAccumulator(str(run_dir / "tensorboard" / "by_tokens"))
+    tok.Reload()
+    by_tokens = [e.step for e in tok.Scalars("by_tokens/eval_loss")]
     assert by_tokens == [r["tokens"] for r in rows]
     assert "bytes_up" in acc.Tags()["scalars"]
 

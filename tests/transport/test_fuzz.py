@@ -50,11 +50,11 @@ BLOCKS = (64, 8, 5)
 SPARSE = ("topk-int2", "topk-int4")
 PAIRS = [(c, b) for c in CODECS for b in BLOCKS] + [(c, b) for c in SPARSE for b in (64, 8)]
 """(codec, block size) of the payloads fuzzed; a sparse codec's block is its chunk (a power of
-two) and it keeps a quarter of each chunk (:func:`keep_of`)."""
+two) and it keeps an eighth of each chunk (:func:`keep_of`)."""
 
 
 def keep_of(codec: str, block: int) -> int:
-    return max(1, block // 4) if codec in SPARSE else 0
+    return max(1, block // 8) if codec in SPARSE else 0
 
 
 def codec_of(codec: str, block: int) -> Any:

@@ -81,3 +81,45 @@ def test_config_refuses_sparse_without_error_feedback_and_bad_chunks():
     with pytest.raises(ConfigError, match="transport.density"):
         TransportSection(codec="topk-int2", error_feedback=True, density=0.5)
     assert TransportSection(codec="topk-int4", error_feedback=True, density=0.03).keep == 123
+
+
+def test_repeated_indices_are_refused_before_they_can_add_up_to_inf():
+    """A hostile body repeating one index keep times would decode to keep·a (inf for a near
+    the float range) although every scale looks finite: the validator refuses it by name."""
+    import hashlib
+    import json
+
+    from fedtrain.server.validate import UpdateRejected
+    from tests.transport.test_fuzz import PARAMS, ROUND, SILO, frame, split, validator
+
+    codec = get_codec("topk-int2", block_size=8, keep=2)
+    honest = {n: 1e37 * torch.ones(p.shape) for n, p in PARAMS.items()}
+    data = encode_payload(
+        honest, codec="topk-int2", kind="pseudo_grad", run_id="run-fuzz", round=ROUND,
+        sender=SILO, block_size=8, keep=2,
+    )  # fmt: skip
+    assert validator(keys=False, bound=1e40).check(data, silo=SILO, round=ROUND) is not None
+    header, body, _ = split(data)
+    bad = bytearray(body)
+    first = header["names"][0]
+    offset = sum(s for n, s in zip(header["names"], header["sizes"], strict=True) if n < first)
+    bad[offset + 2] = 0  # chunk 0 of the first tensor: both 3-bit indices 0
+    header["body_sha256"] = hashlib.sha256(bad).hexdigest()
+    forged = frame(json.dumps(header).encode(), bytes(bad))
+    n = PARAMS[first].numel()
+    assert codec.malformed(bytes(bad[offset : offset + header["sizes"][0]]), n)
+    with pytest.raises(UpdateRejected, match="not strictly ascending"):
+        validator(keys=False, bound=1e40).check(forged, silo=SILO, round=ROUND)
+
+
+def test_a_huge_claimed_count_is_a_value_error_not_an_allocation_crash():
+    codec = get_codec("topk-int2", block_size=1 << 16, keep=1)
+    with pytest.raises(ValueError, match="do not hold"):
+        codec.decode(b"\0" * 6, 1 << 44)  # a short body: refused by its size first
+    n = 1 << 40  # 2^24 chunks of 6 bytes: 100 MB of body claim 4 TB of values
+    with pytest.raises(ValueError, match="cannot allocate"):
+        codec.decode(bytes(codec.encoded_size(n)), n)
+    with pytest.raises(ValueError, match="chunk must be"):
+        get_codec("topk-int2", block_size=1 << 20, keep=1)
+    with pytest.raises(ValueError, match="keep must be"):
+        get_codec("topk-int2", block_size=64, keep=64)

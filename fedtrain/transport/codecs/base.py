@@ -69,6 +69,11 @@ class Codec(ABC):
         """Whether every value :meth:`decode` gives is finite (by default: decode and look)."""
         return bool(torch.isfinite(self.decode(data, numel)).all())
 
+    def malformed(self, data: bytes | memoryview, numel: int) -> str | None:
+        """Why a correctly sized body is still not one this codec writes (None: it is). Dense
+        codecs decode any bytes of the right size."""
+        return None
+
 
 def ceil_to_bf16_bits(a: torch.Tensor) -> torch.Tensor:
     """bf16 bit patterns (int32 in [0, 2^16)) of the smallest bf16 >= each non-negative ``a``.

@@ -20,7 +20,6 @@ import numpy as np
 import torch
 
 from fedtrain.transport.codecs.base import (
-    _BF16_1E38,
     Codec,
     bf16_bits_to_float,
     ceil_to_bf16_bits,
@@ -28,8 +27,10 @@ from fedtrain.transport.codecs.base import (
 
 __all__ = ["TopK2Codec", "TopK4Codec", "TopKCodec"]
 
-_SLAB = 1 << 12
-"""Chunks encoded or decoded at a time (bounded temporaries: ~100 MB at C = 4096)."""
+_SLAB_VALUES = 1 << 22
+"""Values (whole chunks) encoded or decoded at a time: bounded temporaries (~100 MB)."""
+MAX_CHUNK = 1 << 16
+"""Largest chunk a payload may claim (the config's range)."""
 
 
 def _pack(codes: np.ndarray, bits: int) -> np.ndarray:
@@ -40,10 +41,14 @@ def _pack(codes: np.ndarray, bits: int) -> np.ndarray:
 
 
 def _unpack(packed: np.ndarray, count: int, bits: int) -> np.ndarray:
-    """Inverse of :func:`_pack`: ``count`` codes of ``bits`` bits per row (int64)."""
+    """Inverse of :func:`_pack`: ``count`` codes of ``bits`` bits per row (int64), one bit
+    plane at a time (no int64 copy of every bit)."""
     flat = np.unpackbits(packed, axis=1, count=count * bits, bitorder="little")
-    weights = (1 << np.arange(bits, dtype=np.int64)).astype(np.int64)
-    return flat.reshape(packed.shape[0], count, bits).astype(np.int64) @ weights
+    planes = flat.reshape(packed.shape[0], count, bits)
+    out = np.zeros((packed.shape[0], count), dtype=np.int64)
+    for j in range(bits):
+        out |= planes[:, :, j].astype(np.int64) << j
+    return out
 
 
 class TopKCodec(Codec):
@@ -61,12 +66,15 @@ class TopKCodec(Codec):
         keep: int = 64,
     ) -> None:
         super().__init__(block_size, stochastic, generator)
-        if block_size < 2 or block_size & (block_size - 1):
-            raise ValueError(f"{self.name}: chunk must be a power of two >= 2, got {block_size}")
-        if not 1 <= keep <= block_size:
-            raise ValueError(f"{self.name}: keep must be in [1, {block_size}], got {keep}")
-        self.keep = keep
+        if not 2 <= block_size <= MAX_CHUNK or block_size & (block_size - 1):
+            raise ValueError(
+                f"{self.name}: chunk must be a power of two in [2, {MAX_CHUNK}], got {block_size}"
+            )
         self.index_bits = block_size.bit_length() - 1
+        most = block_size // self.index_bits + 1  # the config's density bound, rounded up
+        if not 1 <= keep <= most:
+            raise ValueError(f"{self.name}: keep must be in [1, {most}], got {keep}")
+        self.keep = keep
         self.steps = (1 << self.value_bits) - 1
         self._idx_bytes = math.ceil(keep * self.index_bits / 8)
         self._val_bytes = math.ceil(keep * self.value_bits / 8)
@@ -92,8 +100,9 @@ class TopKCodec(Codec):
         x = flat.detach().reshape(-1).to(torch.float32)
         nc = self._n_chunks(x.numel())
         buf = np.empty((nc, self._chunk_bytes), dtype=np.uint8)
-        for lo in range(0, nc, _SLAB):
-            hi = min(lo + _SLAB, nc)
+        slab = max(1, _SLAB_VALUES // self.block_size)
+        for lo in range(0, nc, slab):
+            hi = min(lo + slab, nc)
             rows = self._rows(x, lo, hi)
             idx = torch.topk(rows.abs(), self.keep, dim=1, sorted=False).indices
             idx = idx.sort(dim=1).values
@@ -135,9 +144,10 @@ class TopKCodec(Codec):
         chunks = self._parts(data, numel)
         c, nc = self.block_size, chunks.shape[0]
         full = numel // c
+        slab = max(1, _SLAB_VALUES // c)
         with np.errstate(all="ignore"):
-            for lo in range(0, nc, _SLAB):
-                hi = min(lo + _SLAB, nc)
+            for lo in range(0, nc, slab):
+                hi = min(lo + slab, nc)
                 idx, vals = self._slab(chunks[lo:hi])
                 end = min(hi, full)
                 if end > lo:  # whole chunks: straight into the target
@@ -151,7 +161,12 @@ class TopKCodec(Codec):
         return out
 
     def decode(self, data: bytes | memoryview, numel: int) -> torch.Tensor:
-        return self._decode(data, numel, torch.zeros(numel, dtype=torch.float32))
+        self._parts(data, numel)  # the size check, before allocating
+        try:
+            out = torch.zeros(numel, dtype=torch.float32)
+        except (RuntimeError, MemoryError):  # a count a few bytes can claim (~10^4 per byte)
+            raise ValueError(f"{self.name}: cannot allocate {numel} values") from None
+        return self._decode(data, numel, out)
 
     def decode_add(self, data: bytes | memoryview, numel: int, out: torch.Tensor) -> None:
         """``out += decode(data, numel)``: only the kept values are touched."""
@@ -161,13 +176,30 @@ class TopKCodec(Codec):
             self._decode(data, numel, out.detach().view(-1))
 
     def all_finite(self, data: bytes | memoryview, numel: int) -> bool:
-        """From the scales when each is finite and at most 1e38 (|x̂| ≤ a); else decode."""
+        """From the scales when keep × each is finite (a decoded value is at most a, and
+        :meth:`malformed` refuses repeated indices); else decode and look."""
         if numel == 0 or len(data) != self.encoded_size(numel):
             return super().all_finite(data, numel)
         stored = self._parts(data, numel)[:, :2].copy().view("<u2")
-        if int((stored & 0x7FFF).max()) <= _BF16_1E38:
+        top = float(bf16_bits_to_float(torch.tensor([int((stored & 0x7FFF).max())])))
+        if top * self.keep <= 1e38:
             return True
         return super().all_finite(data, numel)
+
+    def malformed(self, data: bytes | memoryview, numel: int) -> str | None:
+        """Indices must be strictly ascending in each chunk (as :meth:`encode` writes them): a
+        repeated index would add up kept values past their bound."""
+        if numel == 0 or len(data) != self.encoded_size(numel):
+            return None  # the size check elsewhere names it
+        chunks = self._parts(data, numel)
+        slab = max(1, _SLAB_VALUES // self.block_size)
+        for lo in range(0, chunks.shape[0], slab):
+            part = chunks[lo : lo + slab, 2 : 2 + self._idx_bytes]
+            idx = _unpack(part, self.keep, self.index_bits)
+            bad = np.flatnonzero((np.diff(idx, axis=1) <= 0).any(axis=1))
+            if bad.size:
+                return f"sparse indices not strictly ascending in chunk {lo + int(bad[0])}"
+        return None
 
 
 class TopK2Codec(TopKCodec):
