@@ -61,7 +61,12 @@ def _dot_and_squares(u: torch.Tensor, a: torch.Tensor) -> tuple[float, float]:
 
 def _norm(tensors: dict[str, torch.Tensor]) -> float:
     """ℓ2 norm over every tensor, accumulated in float64 (no flattened copy)."""
-    return sum(_dot_and_squares(t, t)[1] for t in tensors.values()) ** 0.5
+    total = 0.0
+    for t in tensors.values():
+        flat = t.reshape(-1)
+        for i in range(0, flat.numel(), _CHUNK):
+            total += float(flat[i : i + _CHUNK].double().square().sum())
+    return total**0.5
 
 
 def flatten(tensors: dict[str, torch.Tensor]) -> torch.Tensor:

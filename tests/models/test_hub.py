@@ -17,7 +17,9 @@ transformers = pytest.importorskip("transformers")
 TEXT = "In the beginning God created the heaven and the earth. Ça, 中文, ünïcode\n\n  tabs\tend"
 
 
-def _logits_match(tmp_path, tie: bool, tok) -> None:
+def _logits_match(tmp_path, tie: bool, tok) -> float:
+    """Export a tiny model, load it in transformers, check tokenizer and config; return the
+    largest logit difference."""
     shape = PRESETS["tiny"]
     model = build_model(shape, tok.vocab_size, seed=3, tie=tie).eval()
     with torch.no_grad():  # a trained-looking model: norms away from 1
@@ -36,7 +38,7 @@ def _logits_match(tmp_path, tie: bool, tok) -> None:
     with torch.no_grad():
         ours, theirs = model(x), hf(x).logits
     assert theirs.shape == ours.shape
-    assert float((ours - theirs).abs().max()) < 1e-4
+    diff = float((ours - theirs).abs().max())
     config = json.loads((out / "config.json").read_text())
     assert config["tie_word_embeddings"] is tie
     assert config["rope_theta"] == shape.rope_theta and config["rms_norm_eps"] == shape.norm_eps
@@ -44,10 +46,11 @@ def _logits_match(tmp_path, tie: bool, tok) -> None:
     shared = head.data_ptr() == hf.model.embed_tokens.weight.data_ptr()
     assert shared is tie
     assert torch.equal(head, weights["tok_emb.weight" if tie else "head.weight"])
+    return diff
 
 
 def test_byte_tokenizer_untied_head_loads_with_equal_logits(tmp_path):
-    _logits_match(tmp_path, tie=False, tok=ByteTokenizer(eod=True))
+    assert _logits_match(tmp_path, tie=False, tok=ByteTokenizer(eod=True)) < 1e-4
     hf_tok = transformers.AutoTokenizer.from_pretrained(tmp_path / "hf")
     assert hf_tok.eos_token == "<|endoftext|>" and hf_tok.eos_token_id == 256
 
@@ -55,7 +58,7 @@ def test_byte_tokenizer_untied_head_loads_with_equal_logits(tmp_path):
 def test_bpe_tokenizer_tied_embeddings_loads_with_equal_logits(tmp_path):
     words = [f"{w} verily unto thee and thine {i}" for i, w in enumerate(TEXT.split() * 40)]
     tok = train_bpe(words, vocab_size=400)
-    _logits_match(tmp_path, tie=True, tok=tok)
+    assert _logits_match(tmp_path, tie=True, tok=tok) < 1e-4
 
 
 def test_rope_rows_go_from_interleaved_pairs_to_halves():
