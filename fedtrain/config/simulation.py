@@ -80,6 +80,14 @@ class SimulationSection:
     """Analytic mode (``fedtrain simulate --analytic``): model parameters (0 = the preset's)."""
     analytic_layers: int = 0
     """Analytic mode: transformer layers (0 = the preset's)."""
+    topology: str = "star"
+    """Analytic mode: how silos synchronise. 'star' (fedtrain's coordinator: each silo sends its
+    payload up and receives the result) or 'ring' (an all-reduce among the silos, as
+    INTELLECT-1: 2(M-1) hops of 1/M of the payload, every hop at the slowest silo's link and
+    charged the largest latency). Training runs have a coordinator, so they are star only."""
+    coordinator_mbps: float = 0.0
+    """Analytic mode, star: the coordinator's own link in Mbit/s each way, shared by the silos
+    taking part (0 = not a bottleneck)."""
 
     def __post_init__(self) -> None:
         _check(self.bursty_b >= 0, "simulation.bursty_b", "an integer >= 0", self.bursty_b)
@@ -124,6 +132,18 @@ class SimulationSection:
             "simulation.analytic_layers",
             "an integer >= 0",
             self.analytic_layers,
+        )
+        _check(
+            self.topology in ("star", "ring"),
+            "simulation.topology",
+            "'star' or 'ring'",
+            self.topology,
+        )
+        _check(
+            self.coordinator_mbps >= 0,
+            "simulation.coordinator_mbps",
+            "a number >= 0",
+            self.coordinator_mbps,
         )
         _check(
             self.step_time_jitter >= 0,

@@ -7,15 +7,25 @@ The communication model (written down in full because Table 4 of Streaming DiLoC
 
 - One inner step is ``step_time_s`` of pure compute: forward, then a backward pass that takes
   ``backward_fraction`` (2/3) of the step and finishes layer after layer.
-- A synchronisation moves the exchanged values layer by layer: a layer's chunk may start once
-  the backward pass has finished *one* layer and the link is free (chunks queue on the link), so
-  a sync overlaps the remaining backward pass of the step it follows. Only what runs past the
-  end of that backward pass (minus any further compute allowed to hide it) is exposed.
+- A synchronisation moves the exchanged values layer by layer. Where the algorithm has the
+  values during the backward pass — data parallel's gradients, a streaming fragment — a layer's
+  chunk may start once the backward pass has finished *one* layer and the link is free (chunks
+  queue on the link), so the sync overlaps the remaining backward pass of the step it follows.
+  A whole-model DiLoCo pseudo-gradient exists only after the last inner step: that sync is
+  exposed in full. Only what runs past the end of the backward pass (minus any further compute
+  allowed to hide it) is exposed.
 - Data parallel syncs every step; DiLoCo every H steps (the whole model); Streaming DiLoCo one
   fragment every H/P steps, and with overlap τ a fragment's exchange may also hide behind the
   next τ inner steps (the silo waits only for what exceeds them).
-- Traffic per silo for S bits of payload: ring all-reduce 2(M-1)/M x S over the silo's link
-  (``collective="ring"``), or a coordinator (``"star"``): S up then S down.
+- Topology (``simulation.topology``): "star" (fedtrain's coordinator) sends S bits up and S
+  down over each silo's link, with one latency each way; the coordinator's own link
+  (``simulation.coordinator_mbps``) carries every taking-part silo's S, so a chunk takes at
+  least M·S/coordinator bandwidth each way. "ring" is an all-reduce among the M silos:
+  2(M-1) hops of S/M each (2(M-1)/M x S per silo), every hop at the slowest silo's bandwidth
+  and charged the largest one-way latency.
+- :class:`SyncModel` (the Streaming DiLoCo Table 4 bench) keeps the paper's simulator's
+  assumptions instead: ring traffic 2(M-1)/M x S, no latency, every sync overlapping the
+  backward pass.
 """
 
 from __future__ import annotations
@@ -23,13 +33,20 @@ from __future__ import annotations
 import json
 import math
 import time
-from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from fedtrain.config import Config, ConfigError
 from fedtrain.simulation.clock import SiloTiming, StragglerModel, profile_step_time
+from fedtrain.simulation.syncmodel import (
+    BANDWIDTH_GRID_GBPS,
+    METHODS,
+    SyncModel,
+    exposed_comm_s,
+    required_bandwidth,
+    utilisation,
+)
 
 __all__ = [
     "BANDWIDTH_GRID_GBPS",
@@ -41,11 +58,6 @@ __all__ = [
     "required_bandwidth",
     "utilisation",
 ]
-
-BANDWIDTH_GRID_GBPS: tuple[float, ...] = tuple(10 ** (-1 + 4 * k / 49) for k in range(50))
-"""50 log-spaced bandwidths from 0.1 to 1000 Gbit/s (the grid the Table 4 values fall on)."""
-
-METHODS = ("ddp", "diloco", "streaming")
 
 
 def codec_bits_per_value(codec: str, block_size: int = 64, keep: int = 0) -> float:
@@ -61,103 +73,6 @@ def codec_bits_per_value(codec: str, block_size: int = 64, keep: int = 0) -> flo
     if codec not in bits:
         raise ValueError(f"no bit width known for codec {codec!r}")
     return bits[codec]
-
-
-def exposed_comm_s(
-    chunk_s: Sequence[float],
-    layers: int,
-    step_time_s: float,
-    *,
-    backward_fraction: float = 2 / 3,
-    hide_s: float = 0.0,
-    latency_s: float = 0.0,
-) -> float:
-    """Seconds a silo waits for one sync whose per-layer chunks take ``chunk_s`` on the link.
-
-    Chunk i is ready when the backward pass has finished i+1 layers; the link carries one chunk
-    at a time. The sync is exposed for whatever runs past the end of the backward pass plus
-    ``hide_s`` of further compute (overlap τ x step time). ``latency_s`` is paid once.
-    """
-    per_layer = backward_fraction * step_time_s / layers
-    free = 0.0
-    for i, c in enumerate(chunk_s):
-        free = max((i + 1) * per_layer, free) + c
-    end = free + latency_s
-    return max(0.0, end - layers * per_layer - hide_s)
-
-
-@dataclass(frozen=True, slots=True)
-class SyncModel:
-    """One method's compute and communication pattern at one scale (see the module doc)."""
-
-    params: float
-    layers: int
-    step_time_s: float
-    method: str
-    inner_steps: int = 100
-    """H: inner steps between syncs of the same parameters (ignored for ddp)."""
-    fragments: int = 1
-    """Streaming: P fragments of layers/P layers each, one synced every H/P steps."""
-    overlap_steps: int = 0
-    """Streaming: τ inner steps a fragment's exchange may hide behind."""
-    bits_per_param: float = 16.0
-    workers: int = 2
-    collective: str = "ring"
-    latency_s: float = 0.0
-    backward_fraction: float = 2 / 3
-
-    def __post_init__(self) -> None:
-        if self.method not in METHODS:
-            raise ValueError(f"method must be one of {METHODS}, got {self.method!r}")
-        if self.collective not in ("ring", "star"):
-            raise ValueError(f"collective must be 'ring' or 'star', got {self.collective!r}")
-        if self.layers < 1 or self.params <= 0 or self.step_time_s <= 0:
-            raise ValueError("params, layers and step_time_s must be positive")
-        if self.method == "streaming" and self.layers % self.fragments:
-            raise ValueError(
-                f"{self.fragments} fragments must divide the layers ({self.layers}); "
-                "(H/P need not be an integer: the period is H steps with P syncs)"
-            )
-
-    @property
-    def traffic_factor(self) -> float:
-        """Bits on a silo's link per bit of payload."""
-        if self.collective == "star":
-            return 2.0
-        return 2.0 * (self.workers - 1) / self.workers
-
-    def period(self, gbps: float) -> tuple[float, float]:
-        """(compute seconds, wall seconds) of one period of the method at ``gbps`` Gbit/s."""
-        per_layer_bits = self.params * self.bits_per_param * self.traffic_factor / self.layers
-        chunk = per_layer_bits / (gbps * 1e9)
-        kw = {"backward_fraction": self.backward_fraction, "latency_s": self.latency_s}
-        t = self.step_time_s
-        if self.method == "ddp":
-            return t, t + exposed_comm_s([chunk] * self.layers, self.layers, t, **kw)
-        if self.method == "diloco":
-            wait = exposed_comm_s([chunk] * self.layers, self.layers, t, **kw)
-            return self.inner_steps * t, self.inner_steps * t + wait
-        frag = self.layers // self.fragments
-        hide = self.overlap_steps * t
-        wait = exposed_comm_s([chunk] * frag, self.layers, t, hide_s=hide, **kw)
-        return self.inner_steps * t, self.inner_steps * t + self.fragments * wait
-
-
-def utilisation(model: SyncModel, gbps: float) -> float:
-    """Compute time / wall time in the steady state at ``gbps`` Gbit/s."""
-    compute, wall = model.period(gbps)
-    return compute / wall
-
-
-def required_bandwidth(
-    model: SyncModel, target: float, grid: Sequence[float] = BANDWIDTH_GRID_GBPS
-) -> float | None:
-    """The smallest bandwidth of ``grid`` at which utilisation reaches ``target`` (None: none
-    of them does). Utilisation is monotone in bandwidth, so this is a grid search."""
-    for g in grid:
-        if utilisation(model, g) >= target - 1e-12:
-            return g
-    return None
 
 
 def model_size(cfg: Config) -> tuple[float, int]:
@@ -204,6 +119,13 @@ class _Plan:
     """Bytes of one fragment's payload."""
     tau: int
     """Inner steps a fragment's exchange may hide behind (streaming overlap)."""
+    overlap: bool
+    """Whether a sync may start during the last step's backward pass (data parallel's
+    gradients and streaming fragments; not a whole-model pseudo-gradient)."""
+    topology: str
+    """``simulation.topology``: 'star' (through the coordinator) or 'ring' (all-reduce)."""
+    coordinator_mbps: float
+    """The coordinator's own link (star), 0 = unlimited."""
 
 
 def _plan(cfg: Config, method: str, params: float, layers: int) -> _Plan:
@@ -234,35 +156,63 @@ def _plan(cfg: Config, method: str, params: float, layers: int) -> _Plan:
         fragments=fragments,
         payload_bytes=math.ceil(params * bits / 8 / fragments),
         tau=cfg.strategy.delay_steps if method == "streaming" else 0,
+        overlap=method == "ddp" or fragments > 1,
+        topology=cfg.simulation.topology,
+        coordinator_mbps=cfg.simulation.coordinator_mbps,
     )
+
+
+def _link_chunk_s(plan: _Plan, taking: list[str], chunk_bits: float) -> dict[str, tuple]:
+    """Per taking-part silo: (seconds one layer chunk occupies its sync, latency paid once,
+    bytes it sends per chunk) under ``simulation.topology``."""
+    profiles = {n: plan.timings[n].profile for n in taking}
+    if plan.topology == "ring":
+        # Reduce-scatter then all-gather: 2(M-1) hops of 1/M of the chunk, each hop as slow
+        # as the slowest link in the ring (the collective is synchronous).
+        m = len(taking)
+        factor = 2 * (m - 1) / m
+        slowest = min(min(p.up_mbps, p.down_mbps) for p in profiles.values()) * 1e6
+        latency = 2 * (m - 1) * max(p.latency_ms for p in profiles.values()) / 1000
+        sync = (factor * chunk_bits / slowest, latency, factor * chunk_bits / 8)
+        return dict.fromkeys(taking, sync)
+    shared = plan.coordinator_mbps * 1e6 or math.inf
+    fan = len(taking) * chunk_bits / shared  # the coordinator's link carries every silo's chunk
+    return {
+        n: (
+            max(chunk_bits / (p.up_mbps * 1e6), fan) + max(chunk_bits / (p.down_mbps * 1e6), fan),
+            2 * p.latency_ms / 1000,
+            chunk_bits / 8,
+        )
+        for n, p in profiles.items()
+    }
 
 
 def _round(plan: _Plan, rnd: int, steps: int) -> tuple[dict[str, float], dict[str, float], int]:
     """One round of ``steps`` inner steps: each taking part silo's finish time (compute plus
-    exposed sync), each silo's busy time (0 when dropped) and the bytes each direction moved."""
+    exposed sync), each silo's busy time (0 when dropped) and the bytes each direction moved.
+
+    A whole-model DiLoCo sync is fully exposed (the pseudo-gradient exists only after the last
+    inner step); data parallel and streaming fragments overlap the backward pass layer by
+    layer, and streaming's τ hides up to τ further steps."""
+    busy = dict.fromkeys(plan.silos, 0.0)
+    taking = [n for n in plan.silos if not plan.stragglers.dropped(n, rnd)]
+    n_chunks = plan.layers // plan.fragments  # the whole model unless streaming
+    chunk_bits = plan.payload_bytes * 8 * plan.fragments / plan.layers
+    links = _link_chunk_s(plan, taking, chunk_bits)
     finish: dict[str, float] = {}
-    busy: dict[str, float] = {}
     moved = 0
-    for name in plan.silos:
-        if plan.stragglers.dropped(name, rnd):
-            busy[name] = 0.0
-            continue
-        timing = plan.timings[name]
-        t = timing.compute_time(1, rnd) * plan.stragglers.slowdown(name, rnd)
-        up, down = timing.profile.up_mbps * 1e6, timing.profile.down_mbps * 1e6
-        n_chunks = plan.layers // plan.fragments  # the whole model unless streaming
-        chunk_bits = plan.payload_bytes * 8 * plan.fragments / plan.layers
-        chunk = chunk_bits / up + chunk_bits / down
-        wait = exposed_comm_s(
-            [chunk] * n_chunks,
-            plan.layers,
-            t,
-            hide_s=plan.tau * t,
-            latency_s=2 * timing.profile.latency_ms / 1000,
-        )
+    for name in taking:
+        t = plan.timings[name].compute_time(1, rnd) * plan.stragglers.slowdown(name, rnd)
+        chunk, latency, sent = links[name]
+        if plan.overlap:
+            wait = exposed_comm_s(
+                [chunk] * n_chunks, plan.layers, t, hide_s=plan.tau * t, latency_s=latency
+            )
+        else:
+            wait = max(0.0, n_chunks * chunk + latency - plan.tau * t)
         busy[name] = steps * t
         finish[name] = steps * t + wait
-        moved += round(n_chunks * chunk_bits / 8)
+        moved += round(n_chunks * sent)
     return finish, busy, moved
 
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from fedtrain.config import Config
+from fedtrain.config import Config, ConfigError
 from fedtrain.run import EngineFactory, EngineInputs, Run, build_run
 from fedtrain.simulation.inprocess import InProcessEngine
 
@@ -26,6 +26,7 @@ def simulate(
 
     With ``resume``, continue the run in ``run_dir`` from its last intact committed round.
     """
+    refuse_analytic_only(cfg)
     if cfg.simulation.engine == "flower":
         from fedtrain.simulation.flower import simulate_flower
 
@@ -33,6 +34,22 @@ def simulate(
     return build_simulation(
         cfg, run_dir, quiet=quiet, step_time_s=step_time_s, resume=resume
     ).execute()
+
+
+def refuse_analytic_only(cfg: Config) -> None:
+    """A training run has a real coordinator whose links are the silos' own: the analytic
+    mode's all-reduce topology and shared coordinator link are refused there, by name."""
+    sim = cfg.simulation
+    if sim.topology != "star":
+        raise ConfigError(
+            f"simulation.topology = {sim.topology!r} is analytic mode only (fedtrain simulate "
+            "--analytic): a training run synchronises through its coordinator ('star')"
+        )
+    if sim.coordinator_mbps:
+        raise ConfigError(
+            "simulation.coordinator_mbps is analytic mode only (fedtrain simulate --analytic); "
+            "a training run times each silo's own link"
+        )
 
 
 def build_simulation(

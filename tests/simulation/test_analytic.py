@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import json
 import math
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 
@@ -95,22 +98,21 @@ def test_step_time_from_flops_hand_computed():
         step_time_from_flops(1e9, 1e6, "tpu", 1, 0.5)
 
 
+_PROFILE = {
+    "name": "dc",
+    "count": 2,
+    "gpu": "a100",
+    "mfu": 0.5,
+    "up_mbps": 100.0,
+    "down_mbps": 100.0,
+    "latency_ms": 0.0,
+}
+
+
 def _analytic_cfg(**over):
     sections = {
         "run": {"rounds": 0, "token_budget": 2_000_000},
-        "simulation": {
-            "profiles": [
-                {
-                    "name": "dc",
-                    "count": 2,
-                    "gpu": "a100",
-                    "mfu": 0.5,
-                    "up_mbps": 100.0,
-                    "down_mbps": 100.0,
-                    "latency_ms": 0.0,
-                }
-            ]
-        },
+        "simulation": {"profiles": [_PROFILE]},
     }
     for k, v in over.items():
         sections.setdefault(k, {}).update(v)
@@ -127,9 +129,9 @@ def test_analytic_run_times_a_config_without_training(tmp_path):
     assert len(rows) == summary["rounds"]
     assert rows[-1]["tokens"] == summary["tokens"]
     assert summary["tokens"] >= cfg.run.token_budget
-    # Every round: 10 steps of compute, then the whole model up and down at 100 Mbit/s.
-    payload = params * 32 / layers  # fp32 bits per layer chunk
-    wait = exposed_comm_s([2 * payload / 100e6] * layers, layers, step)
+    # Every round: 10 steps of compute, then the whole model up and down at 100 Mbit/s, all of
+    # it exposed (a DiLoCo pseudo-gradient exists only after the last inner step).
+    wait = 2 * params * 32 / 100e6
     assert rows[0]["round_time_s"] == pytest.approx(10 * step + wait, rel=1e-6)
     assert rows[0]["utilisation"] == pytest.approx(10 * step / (10 * step + wait), rel=1e-5)
     assert 0 < summary["compute_utilisation"] < 1
@@ -140,6 +142,49 @@ def test_analytic_run_times_a_config_without_training(tmp_path):
     assert small["bytes_total"] < summary["bytes_total"] / 7
     with pytest.raises(RunExists):  # an existing run is never overwritten
         analytic_run(cfg, tmp_path / "a")
+
+
+def _first_round_s(tmp_path, name, **over):
+    summary = analytic_run(_analytic_cfg(**over), tmp_path / name)
+    rows = (tmp_path / name / "metrics.jsonl").read_text().splitlines()
+    return summary["step_time_s"]["silo0"], json.loads(rows[0])
+
+
+def test_ring_topology_coordinator_link_and_latency_hand_computed(tmp_path):
+    params, _ = model_size(_analytic_cfg())
+    bits = params * 32  # fp32 payload S
+    # Ring, M = 2: reduce-scatter + all-gather = 2 hops of S/2 at 100 Mbit/s, 2 x 15 ms latency.
+    sim = {"topology": "ring", "profiles": [{**_PROFILE, "latency_ms": 15.0}]}
+    step, row = _first_round_s(tmp_path, "ring", simulation=sim)
+    assert row["round_time_s"] == pytest.approx(10 * step + bits / 100e6 + 0.030, rel=1e-6)
+    assert row["bytes_up"] == pytest.approx(2 * bits / 8, rel=1e-6)  # each silo sends 2(M-1)/M S
+    # Star through a 50 Mbit/s coordinator link: it carries both silos' S each way.
+    step, row = _first_round_s(tmp_path, "star", simulation={"coordinator_mbps": 50.0})
+    assert row["round_time_s"] == pytest.approx(10 * step + 2 * (2 * bits / 50e6), rel=1e-6)
+    # A coordinator link faster than the silos' own changes nothing.
+    _, fast = _first_round_s(tmp_path, "fast", simulation={"coordinator_mbps": 1e6})
+    _, free = _first_round_s(tmp_path, "free")
+    assert fast["round_time_s"] == pytest.approx(free["round_time_s"], rel=1e-9)
+
+
+def test_streaming_fragments_still_overlap_but_a_whole_model_sync_does_not(tmp_path):
+    stream = {"name": "streaming", "fragments": 2, "delay_steps": 1}
+    step, row = _first_round_s(tmp_path, "s", strategy=stream)
+    params, layers = model_size(_analytic_cfg())
+    chunk = 2 * params * 32 / 2 / (layers // 2) / 100e6
+    per_fragment = exposed_comm_s([chunk] * (layers // 2), layers, step, hide_s=step)
+    # A round is H/P = 5 steps and one fragment's sync.
+    assert row["step"] == 5
+    assert row["round_time_s"] == pytest.approx(5 * step + per_fragment, rel=1e-6)
+    assert per_fragment < (layers // 2) * chunk - step  # the backward pass hid part of it
+
+
+def test_training_runs_refuse_the_analytic_only_topology_keys(tmp_path):
+    for sim, key in (({"topology": "ring"}, "topology"), ({"coordinator_mbps": 10.0}, "coord")):
+        cfg = config_from_dict(tiny_config_dict(simulation=sim))
+        with pytest.raises(ConfigError, match=f"simulation.{key}.*analytic mode only"):
+            simulate(cfg, tmp_path / key, quiet=True)
+        assert not (tmp_path / key).exists()
 
 
 def test_analytic_run_refuses_what_it_cannot_time(tmp_path):
@@ -165,3 +210,20 @@ def test_training_run_charges_flops_derived_compute_and_reports_utilisation(tmp_
         assert 0 < r["utilisation_min"] <= r["utilisation"] <= 1
         assert r["idle_s"] == pytest.approx(r["round_time_s"] * (1 - r["utilisation"]), abs=1e-5)
     assert (tmp_path / "t" / "plots" / "utilisation_vs_round.png").exists()
+
+
+def test_intellect1_table2_from_the_papers_inputs():
+    # bench/intellect1_table2.py: real analytic runs of the paper's config (10B, H = 100, int8,
+    # ring of 14, links at which the all-reduce takes the paper's median time).
+    bench = Path(__file__).parents[2] / "bench" / "intellect1_table2.py"
+    r = subprocess.run(
+        [sys.executable, str(bench), "--json"], capture_output=True, text=True, timeout=120
+    )
+    assert r.returncode == 0, r.stderr
+    rows = json.loads(r.stdout.strip().splitlines()[-1])["rows"]
+    syncs = {"USA": 103.0, "USA + Europe": 382.0, "global": 469.0}
+    assert [row["setting"] for row in rows] == list(syncs)
+    for row in rows:
+        assert abs(row["ours"] - row["paper"]) <= 0.5, row
+        # the whole sync exposed: H steps of compute over compute plus the all-reduce
+        assert row["ours"] == pytest.approx(100 * 2280 / (2280 + syncs[row["setting"]]), abs=0.01)
