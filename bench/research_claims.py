@@ -16,6 +16,7 @@ Each claim prints PASS or FAIL; the exit code is 0 (a report) unless ``--strict`
     python bench/research_claims.py            # 400 inner steps per silo, ~10 min on 2 idle cores
     python bench/research_claims.py --quick    # 200 inner steps per silo, ~5.5 min
     python bench/research_claims.py --strict --out runs/claims
+    python bench/research_claims.py --json     # ... last line {"claims": [{name, ours, ...}]}
 """
 
 from __future__ import annotations
@@ -183,6 +184,7 @@ def main() -> int:
     ap.add_argument("--jobs", type=int, default=2, help="runs in parallel, one process each")
     ap.add_argument("--keep-blobs", action="store_true", help="keep each run's blob store")
     ap.add_argument("--strict", action="store_true", help="exit 1 if any claim fails")
+    ap.add_argument("--json", action="store_true", help="print a JSON object as the last line")
     args = ap.parse_args()
 
     steps = args.steps or (200 if args.quick else 400)
@@ -236,6 +238,10 @@ def main() -> int:
         )
     )
     print(f"(runs and claims.json in {out})")
+    if args.json:
+        keys = {"name": "claim", "ours": "numbers", "threshold": "threshold", "pass": "pass"}
+        rows = [{k: c[v] for k, v in keys.items()} for c in claims]
+        print(json.dumps({"claims": rows}))
     failed = [c for c in claims if not c["pass"]]
     return 1 if args.strict and failed else 0
 
