@@ -162,11 +162,13 @@ def _plan(cfg: Config, method: str, params: float, layers: int) -> _Plan:
     )
 
 
-def _link_chunk_s(plan: _Plan, taking: list[str], chunk_bits: float) -> dict[str, tuple]:
+def _link_chunk_s(
+    plan: _Plan, taking: list[str], chunk_bits: float
+) -> dict[str, tuple[float, float, float]]:
     """Per taking-part silo: (seconds one layer chunk occupies its sync, latency paid once,
     bytes it sends per chunk) under ``simulation.topology``."""
     profiles = {n: plan.timings[n].profile for n in taking}
-    if plan.topology == "ring":
+    if plan.topology == "ring" and taking:
         # Reduce-scatter then all-gather: 2(M-1) hops of 1/M of the chunk, each hop as slow
         # as the slowest link in the ring (the collective is synchronous).
         m = len(taking)

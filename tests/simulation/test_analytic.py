@@ -165,6 +165,12 @@ def test_ring_topology_coordinator_link_and_latency_hand_computed(tmp_path):
     _, fast = _first_round_s(tmp_path, "fast", simulation={"coordinator_mbps": 1e6})
     _, free = _first_round_s(tmp_path, "free")
     assert fast["round_time_s"] == pytest.approx(free["round_time_s"], rel=1e-9)
+    # Rounds in which every silo of the ring dropped out move nothing and cost nothing.
+    lossy = {"topology": "ring", "profiles": [{**_PROFILE, "dropout": 0.7}]}
+    analytic_run(_analytic_cfg(simulation=lossy), tmp_path / "lossy")
+    rows = [json.loads(x) for x in (tmp_path / "lossy" / "metrics.jsonl").read_text().splitlines()]
+    empty = [r for r in rows if r["silos"] == 0]
+    assert empty and all(r["bytes_up"] == 0 and r["round_time_s"] == 0 for r in empty)
 
 
 def test_streaming_fragments_still_overlap_but_a_whole_model_sync_does_not(tmp_path):
