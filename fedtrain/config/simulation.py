@@ -146,6 +146,12 @@ class SimulationSection:
             self.coordinator_mbps,
         )
         _check(
+            not (self.topology == "ring" and self.coordinator_mbps),
+            "simulation.coordinator_mbps",
+            "0 with topology = 'ring' (an all-reduce has no coordinator in its data path)",
+            self.coordinator_mbps,
+        )
+        _check(
             self.step_time_jitter >= 0,
             "simulation.step_time_jitter",
             "a number >= 0",

@@ -7,25 +7,27 @@ The communication model (written down in full because Table 4 of Streaming DiLoC
 
 - One inner step is ``step_time_s`` of pure compute: forward, then a backward pass that takes
   ``backward_fraction`` (2/3) of the step and finishes layer after layer.
-- A synchronisation moves the exchanged values layer by layer. Where the algorithm has the
-  values during the backward pass — data parallel's gradients, a streaming fragment — a layer's
-  chunk may start once the backward pass has finished *one* layer and the link is free (chunks
-  queue on the link), so the sync overlaps the remaining backward pass of the step it follows.
-  A whole-model DiLoCo pseudo-gradient exists only after the last inner step: that sync is
-  exposed in full. Only what runs past the end of the backward pass (minus any further compute
-  allowed to hide it) is exposed.
+- A synchronisation moves the exchanged values layer by layer. Data parallel's gradients exist
+  during the backward pass: a layer's chunk may start once the backward pass has finished *one*
+  layer and the link is free (chunks queue on the link), so the sync overlaps the remaining
+  backward pass of the step it follows. A pseudo-gradient (DiLoCo's whole model, a Streaming
+  DiLoCo fragment) exists only after the optimizer step that ends the inner steps: its sync is
+  exposed in full, less the τ further inner steps Streaming DiLoCo's overlap lets it hide
+  behind.
 - Data parallel syncs every step; DiLoCo every H steps (the whole model); Streaming DiLoCo one
   fragment every H/P steps, and with overlap τ a fragment's exchange may also hide behind the
   next τ inner steps (the silo waits only for what exceeds them).
 - Topology (``simulation.topology``): "star" (fedtrain's coordinator) sends S bits up and S
   down over each silo's link, with one latency each way; the coordinator's own link
-  (``simulation.coordinator_mbps``) carries every taking-part silo's S, so a chunk takes at
-  least M·S/coordinator bandwidth each way. "ring" is an all-reduce among the M silos:
+  (``simulation.coordinator_mbps``) carries every taking-part silo's S, so a sync takes at
+  least M·S / coordinator bandwidth each way. "ring" is an all-reduce among the M silos:
   2(M-1) hops of S/M each (2(M-1)/M x S per silo), every hop at the slowest silo's bandwidth
   and charged the largest one-way latency.
+  ``latency_ms`` is silo-to-coordinator on a star (paid up and down) and one silo-to-silo hop
+  on a ring.
 - :class:`SyncModel` (the Streaming DiLoCo Table 4 bench) keeps the paper's simulator's
-  assumptions instead: ring traffic 2(M-1)/M x S, no latency, every sync overlapping the
-  backward pass.
+  assumptions instead (there a 2-worker ring without latency, every sync overlapping the
+  backward pass).
 """
 
 from __future__ import annotations
@@ -121,7 +123,7 @@ class _Plan:
     """Inner steps a fragment's exchange may hide behind (streaming overlap)."""
     overlap: bool
     """Whether a sync may start during the last step's backward pass (data parallel's
-    gradients and streaming fragments; not a whole-model pseudo-gradient)."""
+    gradients; not a pseudo-gradient, which exists only after the last optimizer step)."""
     topology: str
     """``simulation.topology``: 'star' (through the coordinator) or 'ring' (all-reduce)."""
     coordinator_mbps: float
@@ -156,7 +158,7 @@ def _plan(cfg: Config, method: str, params: float, layers: int) -> _Plan:
         fragments=fragments,
         payload_bytes=math.ceil(params * bits / 8 / fragments),
         tau=cfg.strategy.delay_steps if method == "streaming" else 0,
-        overlap=method == "ddp" or fragments > 1,
+        overlap=method == "ddp",
         topology=cfg.simulation.topology,
         coordinator_mbps=cfg.simulation.coordinator_mbps,
     )
@@ -193,9 +195,11 @@ def _round(plan: _Plan, rnd: int, steps: int) -> tuple[dict[str, float], dict[st
     """One round of ``steps`` inner steps: each taking part silo's finish time (compute plus
     exposed sync), each silo's busy time (0 when dropped) and the bytes each direction moved.
 
-    A whole-model DiLoCo sync is fully exposed (the pseudo-gradient exists only after the last
-    inner step); data parallel and streaming fragments overlap the backward pass layer by
-    layer, and streaming's τ hides up to τ further steps."""
+    A pseudo-gradient sync (DiLoCo, a streaming fragment) is exposed in full less streaming's
+    τ further steps (it exists only after the last inner step); data parallel's gradients
+    overlap the backward pass layer by layer. Star: each silo is charged its own up and down
+    time (no barrier at the coordinator: with unequal links a silo's download really waits
+    for the slowest upload, so rounds of mixed links are optimistic)."""
     busy = dict.fromkeys(plan.silos, 0.0)
     taking = [n for n in plan.silos if not plan.stragglers.dropped(n, rnd)]
     n_chunks = plan.layers // plan.fragments  # the whole model unless streaming

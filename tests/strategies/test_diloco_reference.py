@@ -1,10 +1,13 @@
 """fedtrain's DiLoCo against an independent plain-torch DiLoCo.
 
 The reference below uses no fedtrain training code: its own inner loop (torch AdamW with the
-documented groups, betas and clipping), its own whole-run LR schedule written from the spec in
-ALGORITHMS.md, its own outer ``torch.optim.SGD(nesterov=True)`` and its own pseudo-gradient
-average. It shares with the run only what "the same experiment" means: the initial weights of
-the seeded Llama and each silo's batches (a pure function of seed, silo and step).
+documented groups, betas and clipping), its own whole-run LR schedule written from the
+documented ``train.warmup_steps`` / ``train.min_lr_ratio``, its own outer
+``torch.optim.SGD(nesterov=True)`` and its own pseudo-gradient average. It shares with the run
+only what "the same experiment" means: the initial weights of the seeded Llama and each silo's
+batches (a pure function of seed, silo and step). The model (``build_model``, ``Llama.loss``)
+and the data (``prepare_data``, ``TokenStream``) are fedtrain's, so this checks the DiLoCo
+algorithm around them, not them.
 
 A full ``fedtrain simulate`` (coordinator, transport, run store) must land on the reference's
 weights within float tolerance, for 1 and 2 silos over 3 rounds, with the warm-up spanning a
@@ -58,8 +61,8 @@ RUN = [
 
 
 def lr_schedule(step: int, peak: float, warmup: int, total: int, floor: float) -> float:
-    """ALGORITHMS.md: linear warm-up over ``warmup`` steps to ``peak``, then cosine decay to
-    ``floor · peak`` at step ``total`` of the whole run (not of a round)."""
+    """The documented schedule: linear warm-up over ``warmup`` steps to ``peak``, then cosine
+    decay to ``floor · peak`` at step ``total`` of the whole run (not of a round)."""
     if step < warmup:
         return peak * (step + 1) / warmup
     progress = min(1.0, (step - warmup) / max(1, total - warmup))
